@@ -1,0 +1,41 @@
+"""The built-in rewards, registered as data (name, facts, where the factory lives).
+
+Adding a reward: write its module, then add one ``register(RewardInfo(...), "module:Factory")``
+line here.  Nothing here imports model code.
+"""
+
+from .base import RewardInfo
+from .registry import register
+
+# (entries are added by each reward's author; keep them sorted by name)
+_I, _IP, _IR, _V = ("images",), ("images", "prompts"), ("images", "references"), "video"
+register(RewardInfo("aesthetic", "v2", "Apache-2.0 AND MIT", "image", _I, (1.0, 10.0), differentiable=True, weights="OpenAI CLIP ViT-L/14 (open_clip 'openai') + sac+logos+ava1-l14-linearMSE.pth (github christophschuhmann/improved-aesthetic-predictor)", description="LAION aesthetic predictor v2: affine head on the normalised CLIP image embedding"), "clip_rewards:aesthetic")
+register(RewardInfo("artifact", "1", "none", "image", _I, (-1.0, 0.0), weights="none", description="penalty from weight-free hack detectors: over-saturation, clipped exposure, periodic grid, flat regions, low entropy"), "artifact:artifact")
+register(RewardInfo("clipscore", "1", "MIT", "image", _IP, (0.0, 100.0), differentiable=True, weights="any CLIP; default OpenAI ViT-L/14 (open_clip 'openai')", description="CLIPScore: scale * max(cos(image, text), 0), scale 100 (torchmetrics) or 2.5 (Hessel et al.)"), "clip_rewards:clipscore")
+register(RewardInfo("dino", "v2", "Apache-2.0", "image", _IR, (-1.0, 1.0), differentiable=True, weights="facebook/dinov2-{small,base,large}", description="DINOv2 cosine similarity to reference images (CLS or mean-patch pooling): subject / identity consistency"), "dino:dino")
+register(RewardInfo("hpsv2", "v2.1", "Apache-2.0", "image", _IP, (0.2, 0.35), differentiable=True, weights="xswu/HPSv2 HPS_v2.1_compressed.pt (open_clip ViT-H-14)", description="Human Preference Score v2/v2.1: cosine of letterboxed open_clip ViT-H/14 embeddings"), "clip_rewards:hpsv2")
+register(RewardInfo("jpeg_compressibility", "1", "none", "image", _I, (-200.0, 0.0), weights="none", description="DDPO: -(JPEG size in kB at quality 95)"), "jpeg:jpeg_compressibility")
+register(RewardInfo("jpeg_incompressibility", "1", "none", "image", _I, (0.0, 200.0), weights="none", description="DDPO: +(JPEG size in kB at quality 95)"), "jpeg:jpeg_incompressibility")
+register(RewardInfo("pickscore", "v1", "NOASSERTION", "image", _IP, (16.0, 26.0), differentiable=True, weights="yuvalkirstain/PickScore_v1 + processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K", description="PickScore: logit_scale.exp() * cos(image, text) of a CLIP-H fine-tuned on Pick-a-Pic"), "clip_rewards:pickscore")
+register(RewardInfo("temporal_consistency", "1", "Apache-2.0", _V, _I, (0.0, 1.0), differentiable=True, weights="facebook/dinov2-base (or an open_clip CLIP)", description="VBench-style consistency: DINO/CLIP similarity of adjacent frames and to the first frame"), "video:temporal_consistency")
+register(RewardInfo("video_frames", "1", "as wrapped", _V, _I, (float("-inf"), float("inf")), differentiable=True, weights="as wrapped", description="any image reward on sampled frames of a video, mean or min over frames (video_frames:reward=aesthetic,frames=8)"), "video:video_frames")
+
+
+def catalog_table() -> str:
+    """The catalogue as a markdown table (what ``visalign rewards`` prints)."""
+    from .registry import available
+
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|")
+
+    rows = [
+        "| reward | inputs | range | differentiable | licence | weights | description |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i in available():
+        lo, hi = i.native_range
+        rows.append(
+            f"| {cell(i.name)} | {cell(', '.join(i.inputs))} ({i.modality}) | {lo:g} .. {hi:g} | "
+            f"{'yes' if i.differentiable else 'no'} | {cell(i.licence)} | {cell(i.weights)} | {cell(i.description)} |"
+        )
+    return "\n".join(rows)

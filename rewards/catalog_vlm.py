@@ -1,0 +1,31 @@
+"""Registrations of the VLM-based rewards and ImageReward (kept apart from catalog.py so the
+two can be edited independently).  Imports no model code."""
+
+from .base import RewardInfo
+from .registry import register
+
+# Chat VLMs (Qwen2-VL / Qwen2.5-VL / LLaVA-1.5 through transformers); the licence is the default model's.
+register(
+    RewardInfo(name="artifact-vlm", version="1", licence="Apache-2.0", modality="image", inputs=("images",),
+               native_range=(0.0, 1.0), differentiable=True, weights="Qwen/Qwen2.5-VL-7B-Instruct",
+               description="P(no artifact) per MagicMirror-style category (anatomy, structure, texture, ...) from a VLM"),
+    "vlm_artifact:artifact_vlm",
+)
+register(
+    RewardInfo(name="imagereward", version="1.0", licence="Apache-2.0", modality="image", inputs=("images", "prompts"),
+               native_range=(-2.5, 2.0), differentiable=True, weights="THUDM/ImageReward (ImageReward.pt)",
+               description="ImageReward (Xu et al. 2023): BLIP ViT-L + BERT cross-attention + MLP, human preference"),
+    "imagereward:imagereward",
+)
+register(
+    RewardInfo(name="vlm-judge", version="1", licence="Apache-2.0", modality="image", inputs=("images", "prompts"),
+               native_range=(1.0, 5.0), differentiable=True, weights="Qwen/Qwen2.5-VL-7B-Instruct",
+               description="1-5 rubric rating from a chat VLM: expected value over rating tokens, or generate+parse"),
+    "vlm:vlm_judge",
+)
+register(
+    RewardInfo(name="vqascore", version="1", licence="Apache-2.0", modality="image", inputs=("images", "prompts"),
+               native_range=(0.0, 1.0), differentiable=True, weights="Qwen/Qwen2.5-VL-7B-Instruct",
+               description="VQAScore (Lin et al. 2024): P('Yes') to 'Does this figure show \"{prompt}\"?' from a VLM"),
+    "vlm:vqascore",
+)

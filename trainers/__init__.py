@@ -1,0 +1,1 @@
+"""Training and steering algorithms (imported as ``visalign.trainers``)."""

@@ -1,0 +1,11 @@
+"""visalign: align image and video generators with rewards.
+
+``import visalign`` is light: it loads no model code.  The pieces live in submodules:
+
+- ``visalign.samplers``  the Sampler contract and the model-family adapters
+- ``visalign.rewards``   reward models and composition
+- ``visalign.trainers``  training and steering algorithms
+- ``visalign.toy``       the shapes toy world
+"""
+
+__version__ = "0.1.0"

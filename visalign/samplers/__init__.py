@@ -1,0 +1,25 @@
+"""The Sampler contract and the model-family adapters (shared/DESIGN.md, "Sampler contract").
+
+``load(model)`` returns a :class:`Sampler` for a built-in name, a local diffusers folder or a
+hub id.  Kernels live in :mod:`visalign.samplers.kernels`.
+"""
+
+from .contract import (
+    Conditioning,
+    HookResult,
+    HookState,
+    RandomWindow,
+    Sampler,
+    Schedule,
+    StepOutput,
+    Trajectory,
+    resolve_sde_steps,
+)
+from .kernels import KERNELS, ddim_step, flow_cps_step, flow_sde_step, get_kernel, ode_step
+from .loading import FAMILIES, ModelNotFoundError, load
+
+__all__ = [
+    "Conditioning", "HookResult", "HookState", "RandomWindow", "Sampler", "Schedule", "StepOutput",
+    "Trajectory", "resolve_sde_steps", "KERNELS", "ddim_step", "flow_cps_step", "flow_sde_step",
+    "get_kernel", "ode_step", "FAMILIES", "ModelNotFoundError", "load",
+]

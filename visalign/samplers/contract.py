@@ -1,0 +1,514 @@
+"""The Sampler contract: a generator seen as a chain of denoising steps (shared/DESIGN.md).
+
+A rollout reads as ``for i in steps: pred = denoise(x, i); x = kernel(pred, x, schedule, i)``.
+Family adapters (``families/``) supply four things: text encoding, the raw model call, initial
+noise and decoding; everything else (guidance, rollout, log-prob recomputation, hooks, the
+reference model) is written once here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "Conditioning",
+    "Schedule",
+    "StepOutput",
+    "Trajectory",
+    "HookState",
+    "HookResult",
+    "RandomWindow",
+    "Sampler",
+    "resolve_sde_steps",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Small data carriers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Conditioning:
+    """Per-sample conditioning tensors, opaque to trainers.
+
+    ``pos`` holds the prompt's tensors and ``neg`` the negative / unconditional ones (``None``
+    when the family has no classifier-free guidance).  Every tensor has the batch on dim 0, so
+    indexing, ``repeat_interleave`` and ``to`` work without knowing what is inside.
+    """
+
+    pos: dict[str, torch.Tensor]
+    neg: dict[str, torch.Tensor] | None = None
+    prompts: list[str] = field(default_factory=list)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], prompts: list[str]) -> "Conditioning":
+        neg = None if self.neg is None else {k: fn(v) for k, v in self.neg.items()}
+        return Conditioning({k: fn(v) for k, v in self.pos.items()}, neg, prompts)
+
+    def __len__(self) -> int:
+        return next(iter(self.pos.values())).shape[0]
+
+    def __getitem__(self, index) -> "Conditioning":
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        idx_list = list(range(len(self)))[index] if isinstance(index, slice) else torch.as_tensor(index).tolist()
+        prompts = [self.prompts[j] for j in idx_list] if self.prompts else []
+        return self._map(lambda t: t[index], prompts)
+
+    def repeat_interleave(self, repeats: int) -> "Conditioning":
+        prompts = [p for p in self.prompts for _ in range(repeats)]
+        return self._map(lambda t: t.repeat_interleave(repeats, dim=0), prompts)
+
+    def to(self, device=None, dtype=None) -> "Conditioning":
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        return self._map(move, list(self.prompts))
+
+    @staticmethod
+    def cat(items: Sequence["Conditioning"]) -> "Conditioning":
+        first = items[0]
+        pos = {k: torch.cat([c.pos[k] for c in items]) for k in first.pos}
+        neg = None if first.neg is None else {k: torch.cat([c.neg[k] for c in items]) for k in first.neg}
+        return Conditioning(pos, neg, [p for c in items for p in c.prompts])
+
+
+@dataclass
+class Schedule:
+    """The numbers of one rollout; the same ones the diffusers pipeline would use.
+
+    Args:
+        parameterization: ``"flow"``, ``"eps"`` or ``"v"``.
+        timesteps: ``(N,)`` the model's time input at each step.
+        sigmas: flow models: ``(N + 1,)`` noise levels from ~1 down to 0.
+        alphas_cumprod / alphas_cumprod_prev: DDPM models: ``(N,)`` ``ab_t`` and ``ab_prev``.
+        clip_sample_range: DDPM models whose scheduler clips the x0-estimate.
+    """
+
+    parameterization: str
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor | None = None
+    alphas_cumprod: torch.Tensor | None = None
+    alphas_cumprod_prev: torch.Tensor | None = None
+    #: DDIM's ``clip_sample``: clamp the x0-estimate to ``[-r, r]`` (eps is kept unclipped, as diffusers)
+    clip_sample_range: float | None = None
+
+    def __len__(self) -> int:
+        return self.timesteps.shape[0]
+
+    @staticmethod
+    def _at(values: torch.Tensor | None, i: int, like: torch.Tensor, what: str) -> torch.Tensor:
+        if values is None:
+            raise ValueError(f"this schedule has no {what} (parameterization mismatch)")
+        return values[i].to(device=like.device, dtype=torch.float32)
+
+    def sigma(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        return self._at(self.sigmas, i, like, "sigmas")
+
+    def alpha_cumprod(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        return self._at(self.alphas_cumprod, i, like, "alphas_cumprod")
+
+    def alpha_cumprod_prev(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        return self._at(self.alphas_cumprod_prev, i, like, "alphas_cumprod_prev")
+
+    def to(self, device) -> "Schedule":
+        return replace(
+            self,
+            **{f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)},
+        )
+
+
+@dataclass
+class StepOutput:
+    """What a kernel returns (and ``Sampler.log_prob`` stacks over steps).
+
+    ``prev_sample (B, ...)``, ``mean (B, ...)`` float32, ``std`` scalar float32 (0 for ODE
+    steps), ``log_prob (B,)`` float32 or ``None`` for deterministic steps, ``x0 (B, ...)``.
+    """
+
+    prev_sample: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    log_prob: torch.Tensor | None
+    x0: torch.Tensor | None = None
+
+
+@dataclass
+class Trajectory:
+    """A recorded rollout.
+
+    Args:
+        latents: ``(B, N + 1, *latent_shape)``: ``x_0`` (noise) ... ``x_N`` (final), in the
+            model's dtype.
+        log_probs: ``(B, N)`` float32; 0 on ODE steps (see ``sde_mask``).
+        means: ``(B, N, *latent_shape)`` float32 kernel means, or ``None`` if not recorded.
+        stds: ``(N,)`` float32 per-step standard deviations (0 on ODE steps).
+        x0: ``(B, N, *latent_shape)`` x0-predictions when ``record_x0=True``.
+        sde_mask: ``(N,)`` bool, which steps were stochastic (these carry log-probs).
+        cond / schedule / guidance_scale / kernel / kernel_options: what is needed to recompute
+            the log-probs of the stored transitions.
+    """
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    means: torch.Tensor | None
+    stds: torch.Tensor
+    sde_mask: torch.Tensor
+    cond: Conditioning
+    schedule: Schedule
+    guidance_scale: float
+    kernel: str
+    kernel_options: dict[str, Any]
+    x0: torch.Tensor | None = None
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+    @property
+    def sde_steps(self) -> list[int]:
+        return [int(i) for i in torch.nonzero(self.sde_mask).flatten()]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def __getitem__(self, index) -> "Trajectory":
+        """Select samples (batch rows); steps and schedule stay whole."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+
+        def sel(t):
+            return None if t is None else t[index]
+
+        return replace(
+            self, latents=self.latents[index], log_probs=self.log_probs[index], means=sel(self.means),
+            x0=sel(self.x0), cond=self.cond[index],
+        )
+
+
+@dataclass
+class HookState:
+    """Live batch state handed to hooks after step ``i`` (latents are ``x_{i+1}``)."""
+
+    sampler: "Sampler"
+    i: int
+    latents: torch.Tensor
+    step: StepOutput
+    schedule: Schedule
+    cond: Conditioning
+    prompts: list[str]
+
+
+@dataclass
+class HookResult:
+    """A hook's answer: new latents, and optionally how batch rows were reordered (resampling).
+
+    ``indices (B,)``: row ``j`` of the new batch descends from row ``indices[j]``; the recorded
+    history and the conditioning are reordered the same way.
+    """
+
+    latents: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RandomWindow:
+    """A window of ``size`` consecutive stochastic steps, drawn anew for each rollout in
+    ``[low, high)`` (Flow-GRPO-Fast / MixGRPO).  ``high`` defaults to the number of steps."""
+
+    size: int
+    low: int = 0
+    high: int | None = None
+
+
+def resolve_sde_steps(sde_steps, num_steps: int, generator=None) -> torch.Tensor:
+    """Which steps are stochastic, as a ``(num_steps,)`` bool mask.
+
+    ``sde_steps``: ``"all"`` (default), ``"none"``, a sequence of step indices (a fixed window),
+    or a :class:`RandomWindow` (drawn with ``generator``, one draw per rollout).
+    """
+    mask = torch.zeros(num_steps, dtype=torch.bool)
+    if sde_steps is None or (isinstance(sde_steps, str) and sde_steps == "all"):
+        mask[:] = True
+    elif isinstance(sde_steps, str) and sde_steps == "none":
+        pass
+    elif isinstance(sde_steps, RandomWindow):
+        high = num_steps if sde_steps.high is None else min(sde_steps.high, num_steps)
+        last_start = high - sde_steps.size
+        if sde_steps.size < 1 or last_start < sde_steps.low:
+            raise ValueError(
+                f"RandomWindow(size={sde_steps.size}, low={sde_steps.low}, high={sde_steps.high}) does not fit "
+                f"{num_steps} steps: need low + size <= high <= num_steps"
+            )
+        gen = generator[0] if isinstance(generator, list) else generator
+        start = int(torch.randint(sde_steps.low, last_start + 1, (1,), generator=gen))
+        mask[start : start + sde_steps.size] = True
+    elif isinstance(sde_steps, str):
+        raise ValueError(f"sde_steps must be 'all', 'none', a list of step indices or a RandomWindow; got {sde_steps!r}")
+    else:
+        for i in sde_steps:
+            if not 0 <= int(i) < num_steps:
+                raise ValueError(f"sde_steps index {i} is outside 0..{num_steps - 1}")
+            mask[int(i)] = True
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# The Sampler
+# --------------------------------------------------------------------------------------------
+
+
+class Sampler:
+    """One loaded model exposed as a chain of denoising steps.
+
+    Family adapters subclass this and implement ``encode``, ``noise``, ``schedule``,
+    ``_model`` (one raw forward pass on a batch) and ``decode``.  ``guidance`` tells how
+    ``guidance_scale`` acts: ``"cfg"`` (classifier-free guidance with the negative prompt),
+    ``"embedded"`` (FLUX.1-dev's guidance embedding) or ``"none"``.
+    """
+
+    family: str = ""
+    parameterization: str = "flow"
+    guidance: str = "cfg"
+    #: whether CFG runs cond and uncond in one concatenated batch (as the pipeline does)
+    cfg_batched: bool = True
+
+    def __init__(self, denoiser: torch.nn.Module, *, pipeline: Any = None, name: str = "") -> None:
+        self.denoiser = denoiser
+        self.pipeline = pipeline
+        self.name = name
+        self._reference_module: torch.nn.Module | None = None
+
+    # ---- what an adapter provides -----------------------------------------------------------
+    def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> Conditioning:
+        raise NotImplementedError
+
+    def noise(self, n: int, generator=None, *, height: int | None = None, width: int | None = None, **kw) -> torch.Tensor:
+        raise NotImplementedError
+
+    def schedule(self, num_steps: int, latents: torch.Tensor | None = None) -> Schedule:
+        raise NotImplementedError
+
+    def _model(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], guidance_scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- properties ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    def default_size(self) -> tuple[int, int]:
+        """Default image height and width in pixels."""
+        raise NotImplementedError
+
+    # ---- generic machinery -------------------------------------------------------------------
+    def denoise(
+        self, x: torch.Tensor, i: int, schedule: Schedule, cond: Conditioning, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        """The model prediction at step ``i``, classifier-free guidance included.
+
+        The caller chooses grad mode; nothing here disables autograd.
+        """
+        t = schedule.timesteps[i].to(x.device)
+        if self.guidance == "cfg" and guidance_scale > 1.0 and cond.neg is not None:
+            if self.cfg_batched:
+                both = {k: torch.cat([cond.neg[k], cond.pos[k]]) for k in cond.pos}
+                pred_uncond, pred_text = self._model(torch.cat([x, x]), t, both, guidance_scale).chunk(2)
+            else:
+                pred_text = self._model(x, t, cond.pos, guidance_scale)
+                pred_uncond = self._model(x, t, cond.neg, guidance_scale)
+            return pred_uncond + guidance_scale * (pred_text - pred_uncond)
+        return self._model(x, t, cond.pos, guidance_scale)
+
+    def _as_cond(self, prompts_or_cond, negative_prompts=None) -> Conditioning:
+        if isinstance(prompts_or_cond, Conditioning):
+            return prompts_or_cond
+        if isinstance(prompts_or_cond, str):
+            prompts_or_cond = [prompts_or_cond]
+        return self.encode(list(prompts_or_cond), negative_prompts)
+
+    def rollout(
+        self,
+        prompts_or_cond,
+        *,
+        num_steps: int = 20,
+        guidance_scale: float = 1.0,
+        kernel: str = "ode",
+        kernel_options: dict[str, Any] | None = None,
+        sde_steps="all",
+        generator=None,
+        latents: torch.Tensor | None = None,
+        hooks: Sequence[Any] = (),
+        record_x0: bool = False,
+        record_means: bool = True,
+        negative_prompts: Sequence[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        **noise_kwargs,
+    ) -> Trajectory:
+        """One full generation, recorded step by step.
+
+        Args:
+            prompts_or_cond: a list of prompts or a :class:`Conditioning` from ``encode``.
+            num_steps: denoising steps.
+            guidance_scale: CFG scale (or the embedded guidance for FLUX.1-dev).
+            kernel: ``"ode"``, ``"flow_sde"``, ``"flow_cps"`` or ``"ddim"``; steps outside
+                ``sde_steps`` use ``"ode"``.
+            kernel_options: e.g. ``{"noise_level": 0.7}`` or ``{"eta": 1.0}``.
+            sde_steps: which steps are stochastic; see :func:`resolve_sde_steps`.
+            generator: a ``torch.Generator`` (or a list, one per sample) for all randomness.
+            latents: initial noise; drawn from ``generator`` when omitted.
+            hooks: callables ``hook(HookState) -> None | Tensor | HookResult`` run after each
+                step, or objects with ``after_step`` and/or ``on_prediction(state, pred)``.
+            record_x0: also record the x0-prediction of every step.
+        """
+        from .kernels import get_kernel
+
+        cond = self._as_cond(prompts_or_cond, negative_prompts)
+        n = len(cond)
+        if latents is None:
+            latents = self.noise(n, generator, height=height, width=width, **noise_kwargs)
+        latents = latents.to(self.device)
+        schedule = self.schedule(num_steps, latents)
+        kernel_options = dict(kernel_options or {})
+        sde_kernel = get_kernel(kernel, self.parameterization)
+        ode_kernel = get_kernel("ode", self.parameterization)
+        mask = resolve_sde_steps(sde_steps, num_steps, generator) if kernel != "ode" else torch.zeros(num_steps, dtype=torch.bool)
+
+        xs = [latents]
+        log_probs = torch.zeros(n, num_steps, device=latents.device)
+        stds = torch.zeros(num_steps)
+        means: list[torch.Tensor] = []
+        x0s: list[torch.Tensor] = []
+        x = latents
+        for i in range(num_steps):
+            pred = self.denoise(x, i, schedule, cond, guidance_scale)
+            for hook in hooks:
+                on_pred = getattr(hook, "on_prediction", None)
+                if on_pred is not None:
+                    new = on_pred(HookState(self, i, x, None, schedule, cond, cond.prompts), pred)  # type: ignore[arg-type]
+                    pred = pred if new is None else new
+            if mask[i]:
+                out = sde_kernel(pred, x, schedule, i, generator=generator, **kernel_options)
+                if out.log_prob is not None:
+                    log_probs[:, i] = out.log_prob
+            else:
+                out = ode_kernel(pred, x, schedule, i)
+            stds[i] = out.std.float().cpu()
+            x = out.prev_sample
+            if record_means:
+                means.append(out.mean)
+            if record_x0:
+                x0s.append(out.x0)
+            for hook in hooks:
+                after = hook if callable(hook) and not hasattr(hook, "after_step") else getattr(hook, "after_step", None)
+                if after is None:
+                    continue
+                res = after(HookState(self, i, x, out, schedule, cond, cond.prompts))
+                if isinstance(res, torch.Tensor):
+                    res = HookResult(latents=res)
+                if isinstance(res, HookResult):
+                    if res.indices is not None:
+                        idx = res.indices.to(latents.device)
+                        xs = [h[idx] for h in xs]
+                        means = [m[idx] for m in means]
+                        x0s = [h[idx] for h in x0s]
+                        log_probs = log_probs[idx]
+                        cond = cond[idx.cpu()]
+                        x = x[idx]
+                    if res.latents is not None:
+                        x = res.latents
+            xs.append(x)
+        return Trajectory(
+            latents=torch.stack(xs, dim=1),
+            log_probs=log_probs,
+            means=torch.stack(means, dim=1) if record_means else None,
+            stds=stds,
+            sde_mask=mask,
+            cond=cond,
+            schedule=schedule,
+            guidance_scale=guidance_scale,
+            kernel=kernel,
+            kernel_options=kernel_options,
+            x0=torch.stack(x0s, dim=1) if record_x0 else None,
+        )
+
+    def log_prob(self, traj: Trajectory, steps: Sequence[int] | None = None) -> StepOutput:
+        """Recompute log-probs and means of stored transitions under the current weights.
+
+        Uses the same kernel function that sampled them.  Returns a :class:`StepOutput` whose
+        fields are stacked over ``steps`` on dim 1: ``log_prob (B, S)``, ``mean (B, S, ...)``,
+        ``std (S,)``, ``prev_sample (B, S, ...)``.  Defaults to every stochastic step.
+        """
+        from .kernels import get_kernel
+
+        steps = traj.sde_steps if steps is None else [int(s) for s in steps]
+        if not steps:
+            raise ValueError("no steps to score: this trajectory has no stochastic steps (kernel='ode'?)")
+        kernel = get_kernel(traj.kernel, self.parameterization)
+        outs = []
+        for i in steps:
+            if not bool(traj.sde_mask[i]):
+                raise ValueError(f"step {i} was deterministic (ODE) in this rollout and has no log-prob")
+            x = traj.latents[:, i]
+            pred = self.denoise(x, i, traj.schedule, traj.cond, traj.guidance_scale)
+            outs.append(kernel(pred, x, traj.schedule, i, prev_sample=traj.latents[:, i + 1], **traj.kernel_options))
+        return StepOutput(
+            prev_sample=torch.stack([o.prev_sample for o in outs], 1),
+            mean=torch.stack([o.mean for o in outs], 1),
+            std=torch.stack([o.std for o in outs]),
+            log_prob=torch.stack([o.log_prob for o in outs], 1),
+            x0=torch.stack([o.x0 for o in outs], 1),
+        )
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Run ``denoise`` with the frozen reference weights inside this block.
+
+        With peft LoRA adapters on ``denoiser`` the adapters are disabled (no second model
+        copy); after full fine-tuning a copy kept by :meth:`keep_reference_copy` is swapped in.
+        """
+        if getattr(self.denoiser, "peft_config", None):
+            self.denoiser.disable_adapters()
+            try:
+                yield
+            finally:
+                self.denoiser.enable_adapters()
+        elif self._reference_module is not None:
+            trained, self.denoiser = self.denoiser, self._reference_module
+            try:
+                yield
+            finally:
+                self.denoiser = trained
+        else:
+            raise RuntimeError(
+                "no reference model: add LoRA adapters to sampler.denoiser (peft) or call "
+                "sampler.keep_reference_copy() before full fine-tuning"
+            )
+
+    def keep_reference_copy(self) -> None:
+        """Keep a frozen copy of the current denoiser as the reference (full fine-tuning)."""
+        import copy
+
+        ref = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+        self._reference_module = ref
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], **rollout_kwargs) -> torch.Tensor:
+        """Convenience entry point: ODE rollout + decode, images in ``[0, 1]``."""
+        traj = self.rollout(list(prompts), record_means=False, **rollout_kwargs)
+        return self.decode(traj.final)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(family={self.family!r}, name={self.name!r}, parameterization={self.parameterization!r})"

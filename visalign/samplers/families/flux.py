@@ -1,0 +1,109 @@
+"""FLUX.1 adapter (``FluxPipeline``), dev and schnell.
+
+Latents are kept image-shaped ``(B, C, H, W)`` in the Sampler (so hooks and steering see
+images); they are packed into FLUX's ``(B, H/2 * W/2, 4C)`` token sequence around each
+transformer call.  Packing is a reshape, so kernels and log-probs are unchanged by it.
+FLUX.1-dev is guidance-distilled: ``guidance_scale`` feeds the guidance embedding and no
+classifier-free guidance is run; schnell takes no guidance.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..contract import Conditioning, Sampler, Schedule
+from ._common import calculate_shift, flow_schedule, module_dtype, randn, to_unit_range
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, H/2 * W/2, 4C)`` (2x2 patches, channel-major within a patch)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`pack` for latent height ``h`` and width ``w``."""
+    b, _, d = tokens.shape
+    x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """Positional ids ``(h/2 * w/2, 3)`` of the packed latent tokens."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxSampler(Sampler):
+    family = "flux"
+    parameterization = "flow"
+
+    def __init__(self, pipe, name: str = "", max_sequence_length: int = 512) -> None:
+        super().__init__(pipe.transformer, pipeline=pipe, name=name)
+        self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.max_sequence_length = max_sequence_length
+        self.guidance = "embedded" if pipe.transformer.config.guidance_embeds else "none"
+
+    def default_size(self) -> tuple[int, int]:
+        side = 128 * self.vae_scale_factor  # the pipeline's default_sample_size
+        return side, side
+
+    def ode_scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+
+    def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> Conditioning:
+        pe, pooled, _text_ids = self.pipeline.encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        return Conditioning({"encoder_hidden_states": pe, "pooled_projections": pooled}, None, list(prompts))
+
+    def noise(self, n: int, generator=None, *, height=None, width=None, **_) -> torch.Tensor:
+        dh, dw = self.default_size()
+        h = 2 * ((height or dh) // (self.vae_scale_factor * 2))
+        w = 2 * ((width or dw) // (self.vae_scale_factor * 2))
+        c = self.denoiser.config.in_channels // 4
+        return randn((n, c, h, w), generator, self.device, self.dtype)
+
+    def schedule(self, num_steps: int, latents: torch.Tensor | None = None) -> Schedule:
+        if latents is None:
+            raise ValueError("FLUX shifts its schedule with resolution: pass the latents to schedule()")
+        sch = self.ode_scheduler()
+        seq_len = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+        sigmas = None if sch.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+        mu = calculate_shift(seq_len, sch.config)
+        if sigmas is None:
+            return flow_schedule(sch, num_steps, self.device, mu=mu)
+        return flow_schedule(sch, num_steps, self.device, sigmas=sigmas, mu=mu)
+
+    def _model(self, x, t, cond, guidance_scale):
+        b, _, h, w = x.shape
+        tokens = pack(x)
+        guidance = None
+        if self.guidance == "embedded":
+            guidance = torch.full((b,), float(guidance_scale), device=x.device, dtype=torch.float32)
+        ehs = cond["encoder_hidden_states"]
+        out = self.denoiser(
+            hidden_states=tokens,
+            timestep=t.expand(b).to(x.dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=cond["pooled_projections"],
+            encoder_hidden_states=ehs,
+            txt_ids=torch.zeros(ehs.shape[1], 3, device=x.device, dtype=ehs.dtype),
+            img_ids=image_ids(h, w, x.device, x.dtype),
+            return_dict=False,
+        )[0]
+        return unpack(out, h, w)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents.to(module_dtype(vae)), return_dict=False)[0]
+        return to_unit_range(images.float())

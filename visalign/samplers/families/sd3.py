@@ -1,0 +1,76 @@
+"""SD3 / SD3.5 adapter (``StableDiffusion3Pipeline``): MMDiT, three text encoders (T5 optional)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..contract import Conditioning, Sampler, Schedule
+from ._common import calculate_shift, flow_schedule, module_dtype, randn, to_unit_range
+
+
+class SD3Sampler(Sampler):
+    family = "sd3"
+    parameterization = "flow"
+    guidance = "cfg"
+
+    def __init__(self, pipe, name: str = "", max_sequence_length: int = 256) -> None:
+        super().__init__(pipe.transformer, pipeline=pipe, name=name)
+        self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.max_sequence_length = max_sequence_length
+
+    def default_size(self) -> tuple[int, int]:
+        side = self.denoiser.config.sample_size * self.vae_scale_factor
+        return side, side
+
+    def ode_scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+
+    def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> Conditioning:
+        pe, npe, pooled, npooled = self.pipeline.encode_prompt(
+            prompt=list(prompts),
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=True,
+            negative_prompt=None if negative_prompts is None else list(negative_prompts),
+            max_sequence_length=self.max_sequence_length,
+        )
+        return Conditioning(
+            {"encoder_hidden_states": pe, "pooled_projections": pooled},
+            {"encoder_hidden_states": npe, "pooled_projections": npooled},
+            list(prompts),
+        )
+
+    def noise(self, n: int, generator=None, *, height=None, width=None, **_) -> torch.Tensor:
+        dh, dw = self.default_size()
+        h, w = (height or dh) // self.vae_scale_factor, (width or dw) // self.vae_scale_factor
+        return randn((n, self.denoiser.config.in_channels, h, w), generator, self.device, self.dtype)
+
+    def schedule(self, num_steps: int, latents: torch.Tensor | None = None) -> Schedule:
+        sch = self.ode_scheduler()
+        mu = None
+        if sch.config.get("use_dynamic_shifting", False):
+            if latents is None:
+                raise ValueError("this scheduler shifts with resolution: pass the latents to schedule()")
+            p = self.denoiser.config.patch_size
+            mu = calculate_shift((latents.shape[-2] // p) * (latents.shape[-1] // p), {**sch.config, "max_shift": sch.config.get("max_shift", 1.16)})
+        return flow_schedule(sch, num_steps, self.device, mu=mu)
+
+    def _model(self, x, t, cond, guidance_scale):
+        return self.denoiser(
+            hidden_states=x,
+            timestep=t.expand(x.shape[0]),
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            pooled_projections=cond["pooled_projections"],
+            return_dict=False,
+        )[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents.to(module_dtype(vae)), return_dict=False)[0]
+        return to_unit_range(images.float())

@@ -1,0 +1,225 @@
+"""Step kernels: pure functions that take one denoising step *and* score it.
+
+Every kernel has the same signature::
+
+    kernel(pred, x, schedule, i, *, generator=None, prev_sample=None, **options) -> StepOutput
+
+- ``pred``: the model prediction at step ``i`` (guidance already applied), in the sampler's
+  parameterisation (``schedule.parameterization``: ``"flow"`` velocity, ``"eps"`` or ``"v"``).
+- ``x``: the current sample ``x_i``.
+- ``schedule``: the :class:`~visalign.samplers.contract.Schedule` of the rollout; the kernel
+  reads the numbers of step ``i`` from it, so replaying steps out of order is safe.
+- ``generator`` (sample) or ``prev_sample`` (score a stored transition ``x_i -> x_{i+1}``).
+
+One function for both uses means sampling and scoring cannot drift apart: on-policy, the
+recomputed log-prob equals the sampled one and the PPO ratio is exactly 1 (ddpo-pytorch's
+``ddim_step_with_logprob`` habit).
+
+Notation (shared/REFERENCE.md).  Rectified flow: ``x_s = (1 - s) x0 + s eps``, ``v = eps - x0``,
+one step goes from ``s`` to ``s' < s`` with ``dt = s' - s < 0``.  DDPM: ``x_t = sqrt(ab_t) x0 +
+sqrt(1 - ab_t) eps``.  Gaussian log-probs are **averaged** over every non-batch dimension, as in
+the Flow-GRPO and DDPO reference code.  Kernels compute in float32 and cast the sample back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from .contract import StepOutput
+
+if TYPE_CHECKING:
+    from .contract import Schedule
+
+__all__ = [
+    "ode_step",
+    "flow_sde_step",
+    "flow_cps_step",
+    "ddim_step",
+    "KERNELS",
+    "get_kernel",
+    "gaussian_log_prob",
+    "predict_x0",
+]
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``x`` drawn from ``generator`` (one or a list per sample)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+
+
+def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """``log N(sample; mean, std^2)`` averaged over all non-batch dims -> ``(B,)``.
+
+    ``std`` is a scalar or broadcastable to ``sample``.
+    """
+    std = torch.as_tensor(std, dtype=torch.float32, device=sample.device)
+    lp = -((sample.float() - mean.float()) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return lp.mean(dim=tuple(range(1, lp.ndim)))
+
+
+def _ddpm_x0_eps(pred: torch.Tensor, x: torch.Tensor, ab_t: torch.Tensor, parameterization: str, clip=None):
+    """x0 and eps estimates from an eps- or v-prediction (REFERENCE.md, "Notation").
+
+    ``clip``: clamp x0 to ``[-clip, clip]`` (DDIM's ``clip_sample``; eps is not recomputed)."""
+    if parameterization == "eps":
+        eps = pred
+        x0 = (x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
+    elif parameterization == "v":
+        x0 = ab_t.sqrt() * x - (1 - ab_t).sqrt() * pred
+        eps = ab_t.sqrt() * pred + (1 - ab_t).sqrt() * x
+    else:
+        raise ValueError(f"DDPM kernels take parameterization 'eps' or 'v', got {parameterization!r}")
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    return x0, eps
+
+
+def predict_x0(pred: torch.Tensor, x: torch.Tensor, schedule: "Schedule", i: int) -> torch.Tensor:
+    """The clean-sample estimate at step ``i`` (float32)."""
+    x, pred = x.float(), pred.float()
+    if schedule.parameterization == "flow":
+        s = schedule.sigma(i, x)
+        return x - s * pred
+    x0, _ = _ddpm_x0_eps(pred, x, schedule.alpha_cumprod(i, x), schedule.parameterization, schedule.clip_sample_range)
+    return x0
+
+
+def _finish(prev: torch.Tensor, mean: torch.Tensor, std, x0, dtype, *, stochastic: bool) -> StepOutput:
+    log_prob = gaussian_log_prob(prev, mean, std) if stochastic else None
+    std_t = torch.as_tensor(std, dtype=torch.float32)
+    return StepOutput(prev_sample=prev.to(dtype), mean=mean, std=std_t, log_prob=log_prob, x0=x0)
+
+
+def _sample_or_score(mean, std, generator, prev_sample):
+    if prev_sample is not None:
+        return prev_sample.float()
+    return mean + std * _randn_like(mean, generator)
+
+
+def ode_step(pred, x, schedule: "Schedule", i: int, *, generator=None, prev_sample=None) -> StepOutput:
+    """Deterministic step: Euler for rectified flow, DDIM (eta = 0) for eps / v models.
+
+    Flow: ``x' = x + v * dt`` (the FlowMatchEulerDiscreteScheduler step).  DDPM: ``x' =
+    sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev) eps_hat`` (Song et al. 2021, DDIM eq. 12, sigma = 0).
+    ``log_prob`` is ``None``: a deterministic transition has no density.
+    """
+    dtype = x.dtype
+    xf, pf = x.float(), pred.float()
+    if schedule.parameterization == "flow":
+        s, s_next = schedule.sigma(i, xf), schedule.sigma(i + 1, xf)
+        mean = xf + pf * (s_next - s)  # (B, ...)
+        x0 = xf - s * pf
+    else:
+        ab_t, ab_prev = schedule.alpha_cumprod(i, xf), schedule.alpha_cumprod_prev(i, xf)
+        x0, eps = _ddpm_x0_eps(pf, xf, ab_t, schedule.parameterization, schedule.clip_sample_range)
+        mean = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+    return _finish(mean, mean, 0.0, x0, dtype, stochastic=False)
+
+
+def flow_sde_step(
+    pred, x, schedule: "Schedule", i: int, *, generator=None, prev_sample=None, noise_level: float = 0.7
+) -> StepOutput:
+    """Flow-GRPO's SDE step for rectified flow (Liu et al. 2025, "Flow-GRPO", eq. 9).
+
+    ``std = a * sqrt(s / (1 - s))`` (at ``s == 1`` the schedule's second sigma replaces ``s`` in
+    the denominator), ``mu = x + (v + std^2 / (2 s) * (x + (1 - s) v)) dt``,
+    ``x' = mu + std * sqrt(-dt) * z``.  With ``a = 0`` this is the Euler step.
+
+    Args:
+        noise_level (`float`, *optional*, defaults to 0.7): ``a`` in the paper (reference default).
+    """
+    dtype = x.dtype
+    xf, v = x.float(), pred.float()
+    s, s_next = schedule.sigma(i, xf), schedule.sigma(i + 1, xf)
+    dt = s_next - s  # negative
+    s_den = torch.where(s >= 1.0, schedule.sigma(1, xf), s)
+    std = noise_level * torch.sqrt(s / (1 - s_den))
+    mean = xf + (v + std**2 / (2 * s) * (xf + (1 - s) * v)) * dt
+    step_std = std * torch.sqrt(-dt)
+    x0 = xf - s * v
+    if noise_level == 0:
+        return _finish(mean, mean, 0.0, x0, dtype, stochastic=False)
+    prev = _sample_or_score(mean, step_std, generator, prev_sample)
+    return _finish(prev, mean, step_std.reshape(()), x0, dtype, stochastic=True)
+
+
+def flow_cps_step(
+    pred, x, schedule: "Schedule", i: int, *, generator=None, prev_sample=None, noise_level: float = 0.8
+) -> StepOutput:
+    """Coefficient-preserving sampling step (Flow-GRPO CPS variant; Wang & Yu 2025).
+
+    ``s_noise = s' sin(a pi / 2)``, ``x0 = x - s v``, ``x1 = x + (1 - s) v``,
+    ``mu = (1 - s') x0 + sqrt(s'^2 - s_noise^2) x1``, ``x' = mu + s_noise z``.
+    At the final step (``s' = 0``) the noise vanishes and the step is deterministic.
+
+    Args:
+        noise_level (`float`, *optional*, defaults to 0.8): ``a`` (reference default).
+    """
+    dtype = x.dtype
+    xf, v = x.float(), pred.float()
+    s, s_next = schedule.sigma(i, xf), schedule.sigma(i + 1, xf)
+    s_noise = s_next * math.sin(noise_level * math.pi / 2)
+    x0 = xf - s * v
+    x1 = xf + (1 - s) * v
+    mean = (1 - s_next) * x0 + torch.sqrt(s_next**2 - s_noise**2) * x1
+    if float(s_noise.reshape(-1)[0]) == 0.0:
+        return _finish(mean, mean, 0.0, x0, dtype, stochastic=False)
+    prev = _sample_or_score(mean, s_noise, generator, prev_sample)
+    return _finish(prev, mean, s_noise.reshape(()), x0, dtype, stochastic=True)
+
+
+def ddim_step(
+    pred, x, schedule: "Schedule", i: int, *, generator=None, prev_sample=None, eta: float = 1.0
+) -> StepOutput:
+    """DDIM step with eta and its log-prob (Song et al. 2021 eq. 12; Black et al. 2023, "DDPO").
+
+    ``var = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)``, ``std = eta * sqrt(var)``,
+    ``mu = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - std^2) eps_hat``, ``x' = mu + std z``.
+
+    Args:
+        eta (`float`, *optional*, defaults to 1.0): DDPO uses 1.0 for RL rollouts.
+    """
+    dtype = x.dtype
+    xf, pf = x.float(), pred.float()
+    ab_t, ab_prev = schedule.alpha_cumprod(i, xf), schedule.alpha_cumprod_prev(i, xf)
+    x0, eps = _ddpm_x0_eps(pf, xf, ab_t, schedule.parameterization, schedule.clip_sample_range)
+    var = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)
+    std = eta * var.sqrt()
+    mean = ab_prev.sqrt() * x0 + (1 - ab_prev - std**2).clamp_min(0).sqrt() * eps
+    if eta == 0:
+        return _finish(mean, mean, 0.0, x0, dtype, stochastic=False)
+    prev = _sample_or_score(mean, std, generator, prev_sample)
+    return _finish(prev, mean, std.reshape(()), x0, dtype, stochastic=True)
+
+
+Kernel = Callable[..., StepOutput]
+
+KERNELS: dict[str, Kernel] = {
+    "ode": ode_step,
+    "flow_sde": flow_sde_step,
+    "flow_cps": flow_cps_step,
+    "ddim": ddim_step,
+}
+
+_FLOW_ONLY = {"flow_sde", "flow_cps"}
+_DDPM_ONLY = {"ddim"}
+
+
+def get_kernel(name: str, parameterization: str) -> Kernel:
+    """Look up a kernel by name and check it fits the model's parameterisation."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; choose one of {sorted(KERNELS)}")
+    if parameterization == "flow" and name in _DDPM_ONLY:
+        raise ValueError(f"kernel {name!r} is for eps/v models; this flow model takes 'flow_sde' or 'flow_cps'")
+    if parameterization != "flow" and name in _FLOW_ONLY:
+        raise ValueError(
+            f"kernel {name!r} is for rectified-flow models; this {parameterization}-prediction model takes 'ddim'"
+        )
+    return KERNELS[name]

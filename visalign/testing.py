@@ -1,0 +1,531 @@
+"""Tiny offline diffusers pipelines for every model family (tests, docs, benchmarks).
+
+Every model here is the REAL diffusers / transformers class, built from a tiny config with seeded
+random weights, so the real loading path (``DiffusionPipeline.from_pretrained(folder)``), the real
+pipeline ``__call__`` and the real schedulers run in tests without network access. Tokenizers are
+built offline: the CLIP tokenizer from the first merges of the BPE table that the ``open_clip``
+wheel ships (byte-level, lower-cased, same special tokens and id order as OpenAI CLIP), the T5 /
+UMT5 tokenizer as a Unigram model over a small in-memory word + character vocabulary (no ``<unk>``
+for printable ASCII).
+
+Use (in tests the session fixture ``tiny_model_dir`` of ``tests/conftest.py`` wraps this)::
+
+    path = save_tiny("sd3", tmp_path / "sd3")           # save_pretrained, safetensors
+    pipe = DiffusionPipeline.from_pretrained(path)     # the real loading path
+    images = pipe("a red cube", num_inference_steps=2, output_type="pt").images
+
+Families, variants and the call parameters that are valid for the tiny models
+(``vae_scale_factor`` is 8 everywhere, as in the real checkpoints):
+
+``"sd"`` -- ``StableDiffusionPipeline``; variants ``"eps"`` (default, SD1.5-like: PNDMScheduler as
+    SD1.5 ships, ``prediction_type="epsilon"``) and ``"v"`` (SD2.1-like: DDIMScheduler as SD2.1 ships,
+    ``prediction_type="v_prediction"``, linear-projection attention). ``height``/``width`` multiples
+    of 16 (two UNet levels below the VAE's /8: latents must be even); default 64 (UNet
+    ``sample_size`` 8). Prompts are cut at 77 CLIP tokens.
+``"sdxl"`` -- ``StableDiffusionXLPipeline``: CLIPTextModel + CLIPTextModelWithProjection,
+    ``addition_embed_type="text_time"``, EulerDiscreteScheduler (``timestep_spacing="leading"``,
+    ``steps_offset=1``) as SDXL-base ships. ``height``/``width`` multiples of 16, default 64.
+    No refiner (``text_encoder`` is present, ``requires_aesthetics_score`` is not used).
+``"sd3"`` -- ``StableDiffusion3Pipeline``: SD3Transformer2DModel (patch 2), 16-channel VAE with
+    SD3's ``scaling_factor``/``shift_factor``, two CLIPTextModelWithProjection and a T5EncoderModel,
+    FlowMatchEulerDiscreteScheduler(shift=3.0). Variant ``"no_t5"``: ``text_encoder_3=None``,
+    ``tokenizer_3=None`` (the pipeline then feeds zeros for the T5 part); its saved folder only
+    loads with ``from_pretrained(path, text_encoder_3=None, tokenizer_3=None)`` -- diffusers 0.42
+    refuses a ``[null, null]`` entry for a non-optional component, as for the real SD3 checkpoints
+    loaded without T5; `load_kwargs(path)` returns those keywords. ``height``/``width``
+    multiples of 16 (VAE 8 x patch 2), default 64, at most 128 (``pos_embed_max_size`` 16 patches);
+    ``max_sequence_length`` <= 256 (T5 tokens; default 256).
+``"flux"`` -- ``FluxPipeline``: FluxTransformer2DModel (1 double + 1 single block), 16-channel VAE
+    with FLUX's factors, CLIPTextModel + T5EncoderModel. Variants ``"dev"`` (default:
+    ``guidance_embeds=True``, scheduler ``use_dynamic_shifting=True`` as FLUX.1-dev ships) and
+    ``"schnell"`` (``guidance_embeds=False``, ``shift=1.0``, no dynamic shifting, as FLUX.1-schnell
+    ships). ``height`` and ``width`` MUST be passed (the pipeline's default is 1024 px); multiples of
+    16 (VAE 8 x 2x2 packing). ``max_sequence_length`` <= 512 (default 512; pass e.g. 32 to be fast).
+``"wan"`` -- ``WanPipeline``: WanTransformer3DModel (patch (1, 2, 2)), AutoencoderKLWan (spatial /8,
+    temporal /4), UMT5EncoderModel, T5 tokenizer, UniPCMultistepScheduler(flow_prediction,
+    use_flow_sigmas, flow_shift=3.0) as Wan2.1-T2V-1.3B-Diffusers ships. ``height``, ``width`` and
+    ``num_frames`` MUST be passed (defaults are 480x832x81): ``height``/``width`` multiples of 16,
+    ``num_frames = 4k + 1`` (e.g. 5 or 9). ``max_sequence_length`` default 512 (pass e.g. 32).
+    ``output_type="pt"`` returns ``.frames`` of shape ``(B, F, 3, H, W)`` in ``[0, 1]``.
+
+Quirks vs. the real checkpoints: tiny widths and depths (1-2 layers), a 2048-token CLIP vocabulary
+(first 1534 merges of the real table) and a ~300-piece T5 vocabulary, so the text encoders'
+``vocab_size`` differs from the real 49408 / 32128 / 256384. Architecture switches, scheduler
+configs and VAE latent factors are the real ones.
+
+``bench_pipeline`` builds an SD3-style pipeline at realistic transformer width (SD3-medium: 24 heads
+x 64 = 1536, ``joint_attention_dim`` 4096) but only a few layers, for ``bench/sampler_overhead.py``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = [
+    "FAMILIES",
+    "bench_pipeline",
+    "clip_tokenizer",
+    "load_kwargs",
+    "save_tiny",
+    "t5_tokenizer",
+    "tiny_model_dir",
+    "tiny_pipeline",
+]
+
+#: family -> (valid variants, default variant)
+FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
+    "sd": (("eps", "v"), "eps"),
+    "sdxl": (("base",), "base"),
+    "sd3": (("t5", "no_t5"), "t5"),
+    "flux": (("dev", "schnell"), "dev"),
+    "wan": (("t2v",), "t2v"),
+}
+
+CLIP_VOCAB_SIZE = 2048  # 256 bytes + 256 end-of-word bytes + 1534 merges + 2 special tokens
+T5_MAX_LENGTH = 512
+
+# SD1.x / SD2.x / SDXL DDPM betas, shared by their shipped scheduler configs.
+_DDPM_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+# ----------------------------------------------------------------------------------------------
+# seeding
+
+
+def _seeded(seed: int, build: Callable[[], Any]) -> Any:
+    """Build a module under a private RNG state: deterministic, and the global RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = build()
+    return module.eval() if isinstance(module, torch.nn.Module) else module
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizers
+
+
+def clip_tokenizer(vocab_size: int = CLIP_VOCAB_SIZE, *, pad_token: str = "<|endoftext|>", model_max_length: int = 77):
+    """A real `transformers.CLIPTokenizer` over a prefix of OpenAI CLIP's BPE table (open_clip ships it).
+
+    Ids follow OpenAI CLIP's order: 256 byte symbols, the same with ``</w>``, the merges in rank
+    order, then ``<|startoftext|>`` and ``<|endoftext|>`` (the last id, as 49407 is in the real
+    vocabulary, so ``argmax`` pooling of CLIP text models finds the end token). A prefix of a BPE
+    merge table is itself a closed BPE table, so tokenisation is the real one up to merge rank
+    ``vocab_size - 514``.
+
+    Args:
+        vocab_size (`int`, defaults to 2048): total vocabulary size, at least 514.
+        pad_token (`str`, defaults to `"<|endoftext|>"`): SD1.x pads with the end token; SD2.x and
+            SDXL's second tokenizer pad with ``"!"``.
+    """
+    import open_clip.tokenizer as oct
+    from transformers import CLIPTokenizer
+
+    n_merges = vocab_size - 2 * 256 - 2
+    if n_merges < 0:
+        raise ValueError(f"clip_tokenizer: vocab_size must be at least 514 (bytes + specials), got {vocab_size}")
+    with gzip.open(oct.default_bpe(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")[1 : 1 + n_merges]  # line 0 is a version header
+    merges = [tuple(line.split()) for line in lines]
+    symbols = list(oct.bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != vocab_size:  # a duplicate would silently shift ids
+        raise RuntimeError(f"clip_tokenizer: built {len(vocab)} distinct tokens, expected {vocab_size}")
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        pad_token=pad_token,
+        model_max_length=model_max_length,
+    )
+
+
+_T5_WORDS = (
+    "a an the of and or with on in at to from by for is are was be it this that there as not no "
+    "red green blue yellow orange purple pink brown black white gray grey "
+    "cube sphere ball circle square triangle star cat dog bird car tree house person man woman "
+    "photo image picture painting video of left right above below top bottom front behind near next "
+    "one two three four five six seven eight nine ten small big large tall short bright dark "
+    "cake kitchen baking cooking sky sea water grass city street night day sun moon light "
+    "high quality detailed realistic style art blurry low worst"
+).split()
+
+
+def t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):
+    """A real `transformers.T5Tokenizer` (Unigram, tokenizers backend) over an in-memory vocabulary.
+
+    Ids follow T5: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then ``"▁"``, a few hundred common words
+    (``"▁red"``), and every printable ASCII character both word-initial (``"▁x"``) and inside a word
+    (``"x"``), so any ASCII text encodes without ``<unk>`` and decodes back. No sentinel tokens.
+    The same tokenizer stands in for UMT5 (Wan), whose real tokenizer is also a T5 Unigram model.
+    """
+    from transformers import T5Tokenizer
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -3.0 - 0.01 * i) for i, w in enumerate(dict.fromkeys(_T5_WORDS))]
+    chars = [chr(c) for c in range(33, 127)]
+    pieces += [("▁" + c, -8.0) for c in chars] + [(c, -9.0) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+# ----------------------------------------------------------------------------------------------
+# text encoders
+
+
+def _clip_config(tokenizer, hidden: int, projection_dim: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,  # SD3/SDXL read the penultimate hidden state: keep it a real layer's
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection_dim,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _clip_text(tokenizer, *, hidden: int = 32, projection_dim: int = 32, with_projection: bool = False):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(_clip_config(tokenizer, hidden, projection_dim))
+
+
+def _t5_config(tokenizer, d_model: int, cls_name: str):
+    import transformers
+
+    config_cls = getattr(transformers, cls_name)
+    return config_cls(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * min(d_model, 32),
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",  # T5 v1.1 / UMT5 use gated GELU
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        is_encoder_decoder=True,
+    )
+
+
+def _t5_encoder(tokenizer, d_model: int = 32):
+    from transformers import T5EncoderModel
+
+    return T5EncoderModel(_t5_config(tokenizer, d_model, "T5Config"))
+
+
+def _umt5_encoder(tokenizer, d_model: int = 32):
+    from transformers import UMT5EncoderModel
+
+    return UMT5EncoderModel(_t5_config(tokenizer, d_model, "UMT5Config"))
+
+
+# ----------------------------------------------------------------------------------------------
+# VAEs (4 levels -> vae_scale_factor 8, as in the real checkpoints)
+
+
+def _vae(latent_channels: int, **factors):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=64,
+        **factors,
+    )
+
+
+def _wan_vae():
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=4,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# families
+
+
+def _unet(*, cross_attention_dim: int, v: bool = False, sdxl_projection_dim: int | None = None):
+    from diffusers import UNet2DConditionModel
+
+    kwargs: dict[str, Any] = {}
+    if sdxl_projection_dim is not None:  # SDXL micro-conditioning: 6 size/crop numbers + pooled text
+        kwargs.update(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + sdxl_projection_dim,
+            transformer_layers_per_block=(1, 2),
+        )
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D") if sdxl_projection_dim else
+        ("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D") if sdxl_projection_dim else
+        ("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=(2, 4) if (v or sdxl_projection_dim) else 8,
+        use_linear_projection=bool(v or sdxl_projection_dim),
+        **kwargs,
+    )
+
+
+def _sd(variant: str, seed: int):
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+
+    v = variant == "v"
+    tok = clip_tokenizer(pad_token="!" if v else "<|endoftext|>")
+    if v:  # stabilityai/stable-diffusion-2-1 scheduler_config
+        scheduler = DDIMScheduler(**_DDPM_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                  prediction_type="v_prediction")
+    else:  # stable-diffusion-v1-5 scheduler_config
+        scheduler = PNDMScheduler(**_DDPM_BETAS, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    return StableDiffusionPipeline(
+        unet=_seeded(seed, lambda: _unet(cross_attention_dim=32, v=v)),
+        vae=_seeded(seed + 1, lambda: _vae(4, scaling_factor=0.18215)),
+        text_encoder=_seeded(seed + 2, lambda: _clip_text(tok)),
+        tokenizer=tok,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sdxl(variant: str, seed: int):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tok, tok2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
+    # stabilityai/stable-diffusion-xl-base-1.0 scheduler_config
+    scheduler = EulerDiscreteScheduler(**_DDPM_BETAS, prediction_type="epsilon", steps_offset=1,
+                                       timestep_spacing="leading", interpolation_type="linear")
+    return StableDiffusionXLPipeline(
+        unet=_seeded(seed, lambda: _unet(cross_attention_dim=32 + 32, sdxl_projection_dim=32)),
+        vae=_seeded(seed + 1, lambda: _vae(4, scaling_factor=0.13025)),
+        text_encoder=_seeded(seed + 2, lambda: _clip_text(tok)),
+        text_encoder_2=_seeded(seed + 3, lambda: _clip_text(tok2, projection_dim=32, with_projection=True)),
+        tokenizer=tok,
+        tokenizer_2=tok2,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def _sd3_pipeline(variant: str, seed: int, *, heads: int, head_dim: int, layers: int, joint_dim: int,
+                  pooled_each: int, sample_size: int = 8):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tok, tok2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
+    with_t5 = variant != "no_t5"
+    tok3 = t5_tokenizer(model_max_length=256) if with_t5 else None
+    transformer = _seeded(seed, lambda: SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=joint_dim,
+        caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=2 * pooled_each,
+        pos_embed_max_size=16,
+    ))
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        vae=_seeded(seed + 1, lambda: _vae(16, scaling_factor=1.5305, shift_factor=0.0609,
+                                           use_quant_conv=False, use_post_quant_conv=False)),
+        text_encoder=_seeded(seed + 2, lambda: _clip_text(tok, projection_dim=pooled_each, with_projection=True)),
+        text_encoder_2=_seeded(seed + 3, lambda: _clip_text(tok2, projection_dim=pooled_each, with_projection=True)),
+        text_encoder_3=_seeded(seed + 4, lambda: _t5_encoder(tok3, d_model=joint_dim)) if with_t5 else None,
+        tokenizer=tok,
+        tokenizer_2=tok2,
+        tokenizer_3=tok3,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    )
+
+
+def _sd3(variant: str, seed: int):
+    # CLIP hidden states (32 + 32) are zero-padded up to joint_attention_dim = T5 width (64).
+    return _sd3_pipeline(variant, seed, heads=2, head_dim=16, layers=2, joint_dim=64, pooled_each=32)
+
+
+def _flux(variant: str, seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    dev = variant == "dev"
+    tok, tok2 = clip_tokenizer(), t5_tokenizer()
+    transformer = _seeded(seed, lambda: FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels x 2x2 packing
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5 width
+        pooled_projection_dim=32,  # CLIP width (pooler_output)
+        guidance_embeds=dev,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    ))
+    shifting = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0 if dev else 1.0,
+                                                use_dynamic_shifting=dev, **shifting)
+    return FluxPipeline(
+        transformer=transformer,
+        vae=_seeded(seed + 1, lambda: _vae(16, scaling_factor=0.3611, shift_factor=0.1159,
+                                           use_quant_conv=False, use_post_quant_conv=False)),
+        text_encoder=_seeded(seed + 2, lambda: _clip_text(tok)),
+        text_encoder_2=_seeded(seed + 3, lambda: _t5_encoder(tok2, d_model=32)),
+        tokenizer=tok,
+        tokenizer_2=tok2,
+        scheduler=scheduler,
+    )
+
+
+def _wan(variant: str, seed: int):
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    tok = t5_tokenizer()
+    transformer = _seeded(seed, lambda: WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,  # rope splits it into t/h/w parts: 4 + 4 + 4
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,  # UMT5 width
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ))
+    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler_config
+    scheduler = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                        use_flow_sigmas=True, flow_shift=3.0, solver_order=2,
+                                        predict_x0=True, solver_type="bh2", lower_order_final=True)
+    return WanPipeline(
+        tokenizer=tok,
+        text_encoder=_seeded(seed + 2, lambda: _umt5_encoder(tok, d_model=32)),
+        vae=_seeded(seed + 1, _wan_vae),
+        scheduler=scheduler,
+        transformer=transformer,
+    )
+
+
+_BUILDERS: dict[str, Callable[[str, int], Any]] = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan": _wan}
+
+
+def _check(family: str, variant: str | None) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"tiny_pipeline: unknown family {family!r}; choose one of {sorted(FAMILIES)}")
+    variants, default = FAMILIES[family]
+    variant = default if variant is None else variant
+    if variant not in variants:
+        raise ValueError(f"tiny_pipeline: family {family!r} has no variant {variant!r}; choose one of {list(variants)}")
+    return variant
+
+
+def tiny_pipeline(family: str, *, variant: str | None = None, seed: int = 0):
+    """A diffusers pipeline of the real classes with tiny, seeded random weights (float32, CPU).
+
+    Args:
+        family (`str`): one of ``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"wan"``.
+        variant (`str`, *optional*): see the module docstring; ``None`` picks the family default.
+        seed (`int`, defaults to 0): weights are a pure function of ``(family, variant, seed)``; the
+            global torch RNG is left as it was.
+    """
+    variant = _check(family, variant)
+    return _BUILDERS[family](variant, seed)
+
+
+def save_tiny(family: str, path: str | Path, *, variant: str | None = None, seed: int = 0) -> Path:
+    """Build `tiny_pipeline(family, variant=variant, seed=seed)` and `save_pretrained` it (safetensors).
+
+    The folder loads with ``DiffusionPipeline.from_pretrained(path)``; a ``visalign_tiny.json``
+    records what was built.
+    """
+    variant = _check(family, variant)
+    path = Path(path)
+    pipe = tiny_pipeline(family, variant=variant, seed=seed)
+    pipe.save_pretrained(path, safe_serialization=True)
+    (path / "visalign_tiny.json").write_text(json.dumps({"family": family, "variant": variant, "seed": seed}))
+    return path
+
+
+def tiny_model_dir(family: str, variant: str | None, root: str | Path, *, seed: int = 0) -> Path:
+    """Saved tiny model under ``root/<family>-<variant>-<seed>``, built once and reused afterwards.
+
+    A folder counts as built when its ``visalign_tiny.json`` exists (written last by `save_tiny`),
+    so a half-written folder from an interrupted run is rebuilt.
+    """
+    variant = _check(family, variant)
+    path = Path(root) / f"{family}-{variant}-{seed}"
+    if not (path / "visalign_tiny.json").is_file():
+        save_tiny(family, path, variant=variant, seed=seed)
+    return path
+
+
+def load_kwargs(path: str | Path) -> dict[str, None]:
+    """Keywords that ``DiffusionPipeline.from_pretrained(path, **load_kwargs(path))`` needs for a
+    saved folder: every non-optional component stored as ``[null, null]`` in ``model_index.json``
+    (SD3 without T5) must be passed as ``None`` explicitly."""
+    from diffusers import DiffusionPipeline
+
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    cls = getattr(__import__("diffusers"), index["_class_name"], DiffusionPipeline)
+    optional = set(getattr(cls, "_optional_components", []))
+    return {
+        name: None
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and value == [None, None] and name not in optional
+    }
+
+
+def bench_pipeline(family: str = "sd3", *, num_layers: int = 2, seed: int = 0):
+    """An SD3-style pipeline at SD3-medium's transformer width with only ``num_layers`` layers.
+
+    The transformer has SD3-medium's shapes -- 24 heads x 64 = 1536 wide, ``joint_attention_dim``
+    4096, ``pooled_projection_dim`` 2048, patch 2 -- so one denoiser call costs what one
+    SD3-medium layer pair costs; text encoders and VAE stay tiny (they run once per rollout, not
+    per step). Meant for 64 px (``sample_size`` 8: 16 image tokens) and a short
+    ``max_sequence_length`` (e.g. 32), where one step takes a few tenths of a second on CPU. With
+    T5 (``variant`` default) the T5 encoder is 4096 wide but one layer of 2 heads x 8.
+    """
+    if family != "sd3":
+        raise ValueError(f"bench_pipeline: only the 'sd3' family is available, got {family!r}")
+    if num_layers < 1:
+        raise ValueError(f"bench_pipeline: num_layers must be >= 1, got {num_layers}")
+    return _sd3_pipeline("t5", seed, heads=24, head_dim=64, layers=num_layers, joint_dim=4096, pooled_each=1024)
