@@ -401,7 +401,9 @@ class Sampler:
                     pred = pred if new is None else new
             if mask[i]:
                 out = sde_kernel(pred, x, schedule, i, generator=generator, **kernel_options)
-                if out.log_prob is not None:
+                if out.log_prob is None:  # the kernel is deterministic here (e.g. CPS's last step)
+                    mask[i] = False
+                else:
                     log_probs[:, i] = out.log_prob
             else:
                 out = ode_kernel(pred, x, schedule, i)

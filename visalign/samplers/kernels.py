@@ -193,7 +193,7 @@ def ddim_step(
     var = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)
     std = eta * var.sqrt()
     mean = ab_prev.sqrt() * x0 + (1 - ab_prev - std**2).clamp_min(0).sqrt() * eps
-    if eta == 0:
+    if eta == 0 or float(std) == 0.0:  # e.g. the last step when ab_prev == 1 (set_alpha_to_one)
         return _finish(mean, mean, 0.0, x0, dtype, stochastic=False)
     prev = _sample_or_score(mean, std, generator, prev_sample)
     return _finish(prev, mean, std.reshape(()), x0, dtype, stochastic=True)

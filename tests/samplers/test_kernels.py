@@ -1,0 +1,136 @@
+"""Kernels against the REFERENCE.md formulas, computed independently here in float64."""
+
+import math
+
+import pytest
+import torch
+
+from visalign.samplers import Schedule, ddim_step, flow_cps_step, flow_sde_step, get_kernel, ode_step
+
+
+def flow_schedule(sigmas):
+    s = torch.tensor(sigmas, dtype=torch.float32)
+    return Schedule("flow", timesteps=s[:-1] * 1000, sigmas=s)
+
+
+def gauss_logprob_mean(x, mu, std):
+    """log N(x; mu, std^2), averaged over non-batch dims, float64."""
+    x, mu = x.double(), mu.double()
+    lp = -((x - mu) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).mean(1)
+
+
+@pytest.fixture
+def xv():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_flow_sde_matches_reference(xv, i):
+    x, v = xv
+    sched = flow_schedule([1.0, 0.8, 0.5, 0.0])
+    a = 0.7
+    s, s_next = [1.0, 0.8, 0.5, 0.0][i], [1.0, 0.8, 0.5, 0.0][i + 1]
+    dt = s_next - s
+    s_den = 0.8 if s == 1.0 else s  # at s == 1 the second sigma replaces s in the denominator
+    std = a * math.sqrt(s / (1 - s_den))
+    xd, vd = x.double(), v.double()
+    mu = xd + (vd + std**2 / (2 * s) * (xd + (1 - s) * vd)) * dt
+    out = flow_sde_step(v, x, sched, i, generator=torch.Generator().manual_seed(1), noise_level=a)
+    assert torch.allclose(out.mean.double(), mu, atol=1e-5)
+    assert math.isclose(float(out.std), std * math.sqrt(-dt), rel_tol=1e-5)
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).double()
+    assert torch.allclose(out.prev_sample.double(), mu + std * math.sqrt(-dt) * z, atol=1e-5)
+    expected = gauss_logprob_mean(out.prev_sample, mu, std * math.sqrt(-dt))
+    assert torch.allclose(out.log_prob.double(), expected, atol=1e-4)
+    # scoring the stored transition gives the same log-prob (ratio 1)
+    again = flow_sde_step(v, x, sched, i, prev_sample=out.prev_sample, noise_level=a)
+    assert torch.equal(again.log_prob, out.log_prob)
+
+
+def test_flow_sde_a0_is_euler(xv):
+    x, v = xv
+    sched = flow_schedule([1.0, 0.6, 0.0])
+    out = flow_sde_step(v, x, sched, 1, generator=torch.Generator().manual_seed(0), noise_level=0.0)
+    euler = ode_step(v, x, sched, 1)
+    assert torch.allclose(out.prev_sample, x + v * (0.0 - 0.6), atol=1e-6)
+    assert torch.equal(out.prev_sample, euler.prev_sample)
+    assert out.log_prob is None
+
+
+def test_flow_cps_matches_reference(xv):
+    x, v = xv
+    sched = flow_schedule([1.0, 0.7, 0.3, 0.0])
+    a, i = 0.8, 1
+    s, s_next = 0.7, 0.3
+    s_noise = s_next * math.sin(a * math.pi / 2)
+    xd, vd = x.double(), v.double()
+    x0, x1 = xd - s * vd, xd + (1 - s) * vd
+    mu = (1 - s_next) * x0 + math.sqrt(s_next**2 - s_noise**2) * x1
+    out = flow_cps_step(v, x, sched, i, generator=torch.Generator().manual_seed(2), noise_level=a)
+    assert torch.allclose(out.mean.double(), mu, atol=1e-5)
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).double()
+    assert torch.allclose(out.prev_sample.double(), mu + s_noise * z, atol=1e-5)
+    assert torch.allclose(out.log_prob.double(), gauss_logprob_mean(out.prev_sample, mu, s_noise), atol=1e-4)
+    # last step (s' = 0) is deterministic: the clean x0-estimate
+    last = flow_cps_step(v, x, sched, 2, generator=torch.Generator().manual_seed(2), noise_level=a)
+    assert last.log_prob is None
+    assert torch.allclose(last.prev_sample, x - 0.3 * v, atol=1e-6)
+
+
+@pytest.mark.parametrize("param", ["eps", "v"])
+def test_ddim_matches_reference(xv, param):
+    x, pred = xv
+    ab_t, ab_prev, eta = 0.3, 0.6, 1.0
+    sched = Schedule(param, timesteps=torch.tensor([500]), alphas_cumprod=torch.tensor([ab_t]),
+                     alphas_cumprod_prev=torch.tensor([ab_prev]))
+    xd, pd = x.double(), pred.double()
+    if param == "eps":
+        eps = pd
+        x0 = (xd - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
+    else:
+        x0 = math.sqrt(ab_t) * xd - math.sqrt(1 - ab_t) * pd
+        eps = math.sqrt(ab_t) * pd + math.sqrt(1 - ab_t) * xd
+    var = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)
+    std = eta * math.sqrt(var)
+    mu = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev - std**2) * eps
+    out = ddim_step(pred, x, sched, 0, generator=torch.Generator().manual_seed(3), eta=eta)
+    assert torch.allclose(out.mean.double(), mu, atol=1e-5)
+    assert math.isclose(float(out.std), std, rel_tol=1e-5)
+    assert torch.allclose(out.log_prob.double(), gauss_logprob_mean(out.prev_sample, mu, std), atol=1e-4)
+    scored = ddim_step(pred, x, sched, 0, prev_sample=out.prev_sample, eta=eta)
+    assert torch.equal(scored.log_prob, out.log_prob)
+    # eta = 0 is the deterministic DDIM step == ode_step
+    assert torch.allclose(ddim_step(pred, x, sched, 0, eta=0.0).prev_sample, ode_step(pred, x, sched, 0).prev_sample)
+
+
+def test_log_prob_is_average_not_sum(xv):
+    """Averaged over non-batch dims: doubling the image size leaves the log-prob scale unchanged."""
+    x, v = xv
+    sched = flow_schedule([1.0, 0.5, 0.0])
+    small = flow_sde_step(v, x, sched, 1, generator=torch.Generator().manual_seed(0))
+    big_x, big_v = x.repeat(1, 1, 2, 2), v.repeat(1, 1, 2, 2)
+    big = flow_sde_step(big_v, big_x, sched, 1, prev_sample=small.prev_sample.repeat(1, 1, 2, 2))
+    assert torch.allclose(small.log_prob, big.log_prob, atol=1e-5)
+
+
+def test_kernel_family_checks():
+    with pytest.raises(ValueError, match="eps/v models"):
+        get_kernel("ddim", "flow")
+    with pytest.raises(ValueError, match="rectified-flow"):
+        get_kernel("flow_sde", "eps")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        get_kernel("euler_a", "flow")
+
+
+def test_kernels_keep_dtype_and_gradient(xv):
+    x, v = xv
+    v = v.clone().requires_grad_(True)
+    sched = flow_schedule([1.0, 0.5, 0.0])
+    out = flow_sde_step(v.bfloat16(), x.bfloat16(), sched, 1, generator=torch.Generator().manual_seed(0))
+    assert out.prev_sample.dtype == torch.bfloat16 and out.log_prob.dtype == torch.float32
+    # training scores a stored (detached) transition: the gradient reaches the prediction
+    scored = flow_sde_step(v.bfloat16(), x.bfloat16(), sched, 1, prev_sample=out.prev_sample.detach())
+    scored.log_prob.sum().backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
