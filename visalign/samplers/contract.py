@@ -276,6 +276,11 @@ class Sampler:
     guidance: str = "cfg"
     #: whether CFG runs cond and uncond in one concatenated batch (as the pipeline does)
     cfg_batched: bool = True
+    #: whether decode() returns video (B, F, 3, H, W)
+    is_video: bool = False
+    #: the model card's sampling defaults, used when the user gives none
+    default_steps: int = 30
+    default_guidance: float = 1.0
 
     def __init__(self, denoiser: torch.nn.Module, *, pipeline: Any = None, name: str = "") -> None:
         self.denoiser = denoiser

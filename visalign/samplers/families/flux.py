@@ -49,6 +49,8 @@ class FluxSampler(Sampler):
         self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self.max_sequence_length = max_sequence_length
         self.guidance = "embedded" if pipe.transformer.config.guidance_embeds else "none"
+        # dev: 28 steps, guidance 3.5; schnell: 4 steps, no guidance (the model cards)
+        self.default_steps, self.default_guidance = (28, 3.5) if self.guidance == "embedded" else (4, 0.0)
 
     def default_size(self) -> tuple[int, int]:
         side = 128 * self.vae_scale_factor  # the pipeline's default_sample_size

@@ -20,6 +20,8 @@ class SDSampler(Sampler):
 
     family = "sd"
     guidance = "cfg"
+    default_steps = 50
+    default_guidance = 7.5
 
     def __init__(self, pipe, name: str = "") -> None:
         super().__init__(pipe.unet, pipeline=pipe, name=name)
@@ -102,6 +104,7 @@ class SDXLSampler(SDSampler):
     """SDXL (``StableDiffusionXLPipeline``): two text encoders, pooled embeds and size time ids."""
 
     family = "sdxl"
+    default_guidance = 5.0
 
     def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> Conditioning:
         pe, npe, pooled, npooled = self.pipeline.encode_prompt(

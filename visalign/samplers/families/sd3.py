@@ -14,6 +14,8 @@ class SD3Sampler(Sampler):
     family = "sd3"
     parameterization = "flow"
     guidance = "cfg"
+    default_steps = 28
+    default_guidance = 7.0
 
     def __init__(self, pipe, name: str = "", max_sequence_length: int = 256) -> None:
         super().__init__(pipe.transformer, pipeline=pipe, name=name)

@@ -23,6 +23,9 @@ class WanSampler(Sampler):
     parameterization = "flow"
     guidance = "cfg"
     cfg_batched = False  # the pipeline runs cond, then uncond, as two calls
+    is_video = True
+    default_steps = 50
+    default_guidance = 5.0
 
     def __init__(self, pipe, name: str = "", max_sequence_length: int = 512, num_frames: int = 81) -> None:
         super().__init__(pipe.transformer, pipeline=pipe, name=name)

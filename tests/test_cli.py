@@ -1,0 +1,86 @@
+"""The command line: `visalign sample` end to end on a saved tiny model, and its errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visalign.cli import main
+
+
+def test_help_lists_the_jobs():
+    out = subprocess.run([sys.executable, "-m", "visalign", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("sample", "score", "train", "steer", "rewards"):
+        assert cmd in out.stdout
+
+
+def test_sample_writes_images_and_manifest(tiny_model_dir, tmp_path):
+    model = tiny_model_dir("sd3")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na <b>blue</b> ball\n")
+    rc = main(["sample", "--model", str(model), "--prompts", str(prompts), "--num-images", "2", "--steps", "2",
+               "--guidance", "3", "--seed", "7", "--out", str(tmp_path / "out"), "--height", "32", "--width", "32",
+               "--batch-size", "3"])
+    assert rc == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    assert {r["prompt"] for r in rows} == {"a red cube", "a <b>blue</b> ball"}
+    assert [r["seed"] for r in rows] == [7, 8, 9, 10]
+    for r in rows:
+        assert set(r) == {"file", "prompt", "seed", "model", "steps", "guidance", "kernel"}
+        assert r["steps"] == 2 and r["guidance"] == 3.0 and r["kernel"] == "ode"
+        img = Image.open(tmp_path / "out" / r["file"])
+        assert img.size == (32, 32) and img.mode == "RGB"
+    # per-image seeds make an image reproducible on its own, whatever the batch it was in
+    rc = main(["sample", "--model", str(model), "--prompt", "a red cube", "--num-images", "1", "--steps", "2",
+               "--guidance", "3", "--seed", "8", "--out", str(tmp_path / "one"), "--height", "32", "--width", "32"])
+    assert rc == 0
+    one = json.loads((tmp_path / "one" / "manifest.jsonl").read_text())
+    a = torch.from_numpy(np.asarray(Image.open(tmp_path / "one" / one["file"]))).int()
+    b = torch.from_numpy(np.asarray(Image.open(tmp_path / "out" / rows[1]["file"]))).int()
+    c = torch.from_numpy(np.asarray(Image.open(tmp_path / "out" / rows[0]["file"]))).int()
+    assert (a - b).abs().max() <= 1  # batched vs single matmuls may round one uint8 level apart
+    assert (a - c).abs().max() > 10  # ...while another seed is a different image
+
+
+def test_sample_video_writes_gif(tiny_model_dir, tmp_path):
+    model = tiny_model_dir("wan")
+    rc = main(["sample", "--model", str(model), "--prompt", "a dog runs", "--steps", "2", "--out", str(tmp_path),
+               "--height", "32", "--width", "32", "--num-frames", "5"])
+    assert rc == 0
+    row = json.loads((tmp_path / "manifest.jsonl").read_text())
+    gif = Image.open(tmp_path / row["file"])
+    assert row["file"].endswith(".gif") and gif.n_frames == 5
+
+
+@pytest.mark.parametrize("model", ["/no/such/model/dir", "./missing"])
+def test_missing_model_exits_2_and_names_it(model, tmp_path, capsys):
+    rc = main(["sample", "--model", model, "--prompt", "x", "--out", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert model in err and "model_index.json" in err
+
+
+def test_offline_hub_id_names_the_id(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    rc = main(["sample", "--model", "nobody/not-a-model", "--prompt", "x", "--out", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "nobody/not-a-model" in err and "--local-dir" in err
+
+
+def test_folder_without_model_index(tmp_path, capsys):
+    rc = main(["sample", "--model", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "no model_index.json" in capsys.readouterr().err
+
+
+def test_rewards_catalogue_lists_rewards(capsys):
+    assert main(["rewards", "--json"]) == 0
+    names = {r["name"] for r in json.loads(capsys.readouterr().out)}
+    assert {"aesthetic", "clipscore"} <= names

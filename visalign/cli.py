@@ -1,0 +1,166 @@
+"""The ``visalign`` command line: ``sample | score | train | steer | rewards | toy``.
+
+Each subcommand's arguments and body live in a small function here or in the module that does
+the work; heavy imports happen only when a subcommand runs.  Exit codes: 0 success, 1 the job
+ran but produced nothing usable, 2 usage errors (bad arguments, missing model or file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+class UsageError(Exception):
+    """A user mistake: printed without a traceback, exit code 2."""
+
+
+# ---- sample -----------------------------------------------------------------------------------
+
+
+def _add_sample(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="built-in name (toy-shapes), local diffusers folder or hub id")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help="file of prompts: .txt (one per line), .jsonl ('prompt' field) or .json list")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model card's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model card's)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; image k of prompt j uses seed + j*N + k")
+    p.add_argument("--out", required=True, help="output folder (PNGs / GIFs + manifest.jsonl)")
+    p.add_argument("--kernel", default="ode", choices=["ode", "flow_sde", "flow_cps", "ddim"])
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-frames", type=int, default=None, help="video models: frames (4k+1 for Wan)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
+    p.add_argument("--video-format", default="gif", choices=["gif", "mp4"])
+
+
+def _run_sample(args) -> int:
+    from .sample import SampleSettings, read_prompts, sample_to_folder
+    from .samplers import ModelNotFoundError, load
+
+    try:
+        prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    if args.num_images < 1 or args.batch_size < 1:
+        raise UsageError("--num-images and --batch-size must be at least 1")
+    try:
+        sampler = load(args.model, dtype=args.dtype, device=args.device)
+    except ModelNotFoundError as err:
+        raise UsageError(str(err)) from None
+    settings = SampleSettings(
+        model=args.model, num_images=args.num_images, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        kernel=args.kernel, height=args.height, width=args.width, num_frames=args.num_frames,
+        batch_size=args.batch_size, video_format=args.video_format,
+    )
+    rows = sample_to_folder(sampler, prompts, args.out, settings)
+    print(f"wrote {len(rows)} files and manifest.jsonl to {args.out}")
+    return 0 if rows else 1
+
+
+# ---- rewards ----------------------------------------------------------------------------------
+
+
+def _add_rewards(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the catalogue as JSON")
+
+
+def _run_rewards(args) -> int:
+    import dataclasses
+    import json
+
+    from . import rewards
+
+    if args.json:
+        print(json.dumps([dataclasses.asdict(i) for i in rewards.available()], indent=2))
+    else:
+        from .rewards.catalog import catalog_table
+
+        print(catalog_table())
+    return 0
+
+
+# ---- commands implemented in their own modules ------------------------------------------------
+
+
+def _delegate(module: str) -> tuple[Callable, Callable]:
+    """(add_arguments, run) of a module that implements a subcommand."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        import importlib
+
+        importlib.import_module(module).add_arguments(p)
+
+    def run(args) -> int:
+        import importlib
+
+        return importlib.import_module(module).run(args)
+
+    return add, run
+
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "sample": ("generate images or videos with any model", _add_sample, _run_sample),
+    "score": ("score a gallery of images or videos with rewards", *_delegate("visalign.gallery.cli")),
+    "train": ("fine-tune a model against rewards (GRPO / DPO / reward backprop)", *_delegate("visalign.trainers.cli")),
+    "steer": ("inference-time steering: FK particles, reward guidance, best-of-N", *_delegate("visalign.trainers.steer_cli")),
+    "rewards": ("list the reward models with inputs, range, gradient and licence", _add_rewards, _run_rewards),
+    "toy": ("the shapes toy world: pretrain, eval, train-proxy", *_delegate("visalign.toy.cli")),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visalign",
+        description="Align image and video generators with rewards: sample, score, train, steer.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add, _run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            add(p)
+        except ModuleNotFoundError:
+            p.set_defaults(_unavailable=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Only the chosen subcommand's module is imported to build its arguments.
+    if argv and argv[0] in COMMANDS and argv[0] not in ("-h", "--help"):
+        parser = argparse.ArgumentParser(prog="visalign")
+        sub = parser.add_subparsers(dest="command")
+        name = argv[0]
+        help_text, add, run = COMMANDS[name]
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            add(p)
+        except ModuleNotFoundError as err:
+            print(f"visalign {name}: not available in this installation ({err}).", file=sys.stderr)
+            return 2
+    else:
+        parser = build_parser()
+        if not argv:
+            parser.print_help()
+            return 2
+    args = parser.parse_args(argv)
+    _, _, run = COMMANDS[args.command]
+    try:
+        return int(run(args) or 0)
+    except UsageError as err:
+        print(f"visalign {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"visalign {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
