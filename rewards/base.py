@@ -142,9 +142,12 @@ class Reward:
         return out
 
     def to(self, device: torch.device | str) -> "Reward":
+        """Move the reward's modules, wrapped rewards and shared backbones to ``device``."""
         for value in vars(self).values():
-            if isinstance(value, torch.nn.Module):
+            if isinstance(value, (torch.nn.Module, Reward)):
                 value.to(device)
+        for backbone in getattr(self, "backbones", ()):
+            backbone.to(device)  # shared: every reward on this backbone moves with it
         return self
 
     def __repr__(self) -> str:

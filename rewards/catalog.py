@@ -39,3 +39,9 @@ def catalog_table() -> str:
             f"{'yes' if i.differentiable else 'no'} | {cell(i.licence)} | {cell(i.weights)} | {cell(i.description)} |"
         )
     return "\n".join(rows)
+register(
+    RewardInfo(name="shapes", version="1", licence="none", modality="image", inputs=("images", "prompts"),
+               native_range=(0.0, 1.0), differentiable=False, weights="none",
+               description="toy-world gold verifier: colour segmentation + shape moments, GenEval clauses (partial or strict)"),
+    "shapes:ShapesReward",
+)

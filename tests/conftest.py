@@ -26,3 +26,8 @@ def tiny_model_dir(tmp_path_factory) -> Callable[..., Path]:
         return testing.tiny_model_dir(family, variant, root, seed=seed)
 
     return factory
+
+
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests_support.py: helpers shared by test modules

@@ -1,0 +1,1 @@
+"""Machinery shared by every trainer: LoRA, checkpoints, metric logging, prompt sources, EMA."""

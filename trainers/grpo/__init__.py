@@ -1,0 +1,7 @@
+"""Group-relative policy optimisation for diffusion and flow models (Flow-GRPO, DDPO)."""
+
+from .advantages import group_advantages, PerPromptStats
+from .config import GRPOConfig
+from .trainer import GRPOTrainer
+
+__all__ = ["GRPOConfig", "GRPOTrainer", "group_advantages", "PerPromptStats"]
