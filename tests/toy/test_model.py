@@ -1,0 +1,63 @@
+"""toy-shapes model: diffusers layout, tokenizer, sampling, seeded and resumable pretraining."""
+
+import json
+
+import pytest
+import torch
+
+from visalign.toy import model as M
+from visalign.toy.prompts import all_prompts
+
+
+def test_tokenizer_covers_grammar():
+    tok = M.build_tokenizer()
+    for m in all_prompts():
+        enc = tok(m["prompt"], padding="max_length", max_length=M.MAX_LENGTH)
+        ids = enc["input_ids"]
+        assert len(ids) == M.MAX_LENGTH and tok.unk_token_id not in ids
+        assert ids[0] == tok.bos_token_id and ids[len(m["prompt"].split()) + 1] == tok.eos_token_id
+    assert tok("")["input_ids"] == [tok.bos_token_id, tok.eos_token_id]
+    assert tok("a dog")["input_ids"][2] == tok.unk_token_id
+
+
+def test_save_load_round_trip(tmp_path):
+    model = M.build(seed=0)
+    path = M.save(model, tmp_path / "toy")
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["_class_name"] == "ToyShapesPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20
+    loaded = M.load(path)
+    for a, b in zip(model.parameters(), loaded.parameters()):
+        assert torch.equal(a, b)
+    assert loaded.scheduler.config.num_train_timesteps == 1000 and loaded.scheduler.config.shift == 1.0
+    assert loaded.unet.config.in_channels == 3 and loaded.unet.config.sample_size == 32
+    with torch.no_grad():
+        a = M.sample(loaded, ["a red circle", ""], num_steps=2, generator=torch.Generator().manual_seed(0))
+        b = M.sample(model, ["a red circle", ""], num_steps=2, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (2, 3, 32, 32) and torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    with pytest.raises(FileNotFoundError, match="no toy-shapes model"):
+        M.load(tmp_path / "missing")
+
+
+def test_pretrain_resume_equals_straight_run(tmp_path):
+    from visalign.toy.pretrain import pretrain
+
+    kw = dict(batch=2, log_every=1, ckpt_every=1, eval_every=0, threads=None, warmup=1)
+    pretrain(tmp_path / "a", steps=2, **kw)
+    pretrain(tmp_path / "b", steps=1, **kw)
+    pretrain(tmp_path / "b", steps=2, **kw)
+    sa = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert int(sa["step"]) == int(sb["step"]) == 2
+    for key in ("unet", "ema_unet", "text_encoder"):
+        for name, t in sa[key].items():
+            assert torch.equal(t, sb[key][name]), (key, name)
+    init = M.build(seed=0).unet.state_dict()
+    assert any(not torch.equal(init[n], t) for n, t in sa["unet"].items())  # training moved the weights
+    logs = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if r["event"] == "train"] == [1, 2]
+    assert M.load(tmp_path / "a" / "final").unet.config.block_out_channels == list(M.UNET_CONFIG["block_out_channels"])
