@@ -20,11 +20,11 @@ Families, variants and the call parameters that are valid for the tiny models
 ``"sd"`` -- ``StableDiffusionPipeline``; variants ``"eps"`` (default, SD1.5-like: PNDMScheduler as
     SD1.5 ships, ``prediction_type="epsilon"``) and ``"v"`` (SD2.1-like: DDIMScheduler as SD2.1 ships,
     ``prediction_type="v_prediction"``, linear-projection attention). ``height``/``width`` multiples
-    of 16 (two UNet levels below the VAE's /8: latents must be even); default 64 (UNet
-    ``sample_size`` 8). Prompts are cut at 77 CLIP tokens.
+    of 8 (the UNet handles odd latent sizes); default 64 (UNet ``sample_size`` 8). Prompts are cut
+    at 77 CLIP tokens.
 ``"sdxl"`` -- ``StableDiffusionXLPipeline``: CLIPTextModel + CLIPTextModelWithProjection,
     ``addition_embed_type="text_time"``, EulerDiscreteScheduler (``timestep_spacing="leading"``,
-    ``steps_offset=1``) as SDXL-base ships. ``height``/``width`` multiples of 16, default 64.
+    ``steps_offset=1``) as SDXL-base ships. ``height``/``width`` multiples of 8, default 64.
     No refiner (``text_encoder`` is present, ``requires_aesthetics_score`` is not used).
 ``"sd3"`` -- ``StableDiffusion3Pipeline``: SD3Transformer2DModel (patch 2), 16-channel VAE with
     SD3's ``scaling_factor``/``shift_factor``, two CLIPTextModelWithProjection and a T5EncoderModel,
@@ -33,20 +33,26 @@ Families, variants and the call parameters that are valid for the tiny models
     loads with ``from_pretrained(path, text_encoder_3=None, tokenizer_3=None)`` -- diffusers 0.42
     refuses a ``[null, null]`` entry for a non-optional component, as for the real SD3 checkpoints
     loaded without T5; `load_kwargs(path)` returns those keywords. ``height``/``width``
-    multiples of 16 (VAE 8 x patch 2), default 64, at most 128 (``pos_embed_max_size`` 16 patches);
+    multiples of 16 (VAE 8 x patch 2; others raise), default 64, at most 256 (``pos_embed_max_size``
+    16 patches);
     ``max_sequence_length`` <= 256 (T5 tokens; default 256).
 ``"flux"`` -- ``FluxPipeline``: FluxTransformer2DModel (1 double + 1 single block), 16-channel VAE
     with FLUX's factors, CLIPTextModel + T5EncoderModel. Variants ``"dev"`` (default:
     ``guidance_embeds=True``, scheduler ``use_dynamic_shifting=True`` as FLUX.1-dev ships) and
     ``"schnell"`` (``guidance_embeds=False``, ``shift=1.0``, no dynamic shifting, as FLUX.1-schnell
     ships). ``height`` and ``width`` MUST be passed (the pipeline's default is 1024 px); multiples of
-    16 (VAE 8 x 2x2 packing). ``max_sequence_length`` <= 512 (default 512; pass e.g. 32 to be fast).
+    16 (VAE 8 x 2x2 packing; other sizes are rounded down with a warning). ``max_sequence_length``
+    <= 512 (default 512; pass e.g. 32 to be fast).
 ``"wan"`` -- ``WanPipeline``: WanTransformer3DModel (patch (1, 2, 2)), AutoencoderKLWan (spatial /8,
     temporal /4), UMT5EncoderModel, T5 tokenizer, UniPCMultistepScheduler(flow_prediction,
     use_flow_sigmas, flow_shift=3.0) as Wan2.1-T2V-1.3B-Diffusers ships. ``height``, ``width`` and
     ``num_frames`` MUST be passed (defaults are 480x832x81): ``height``/``width`` multiples of 16,
-    ``num_frames = 4k + 1`` (e.g. 5 or 9). ``max_sequence_length`` default 512 (pass e.g. 32).
+    ``num_frames = 4k + 1`` (e.g. 5 or 9; at most 125: 32 latent frames of RoPE), at most 512 px.
+    ``max_sequence_length`` default 512 (pass e.g. 32).
     ``output_type="pt"`` returns ``.frames`` of shape ``(B, F, 3, H, W)`` in ``[0, 1]``.
+
+Cost: a 2-step call at 64 px (Wan: 5 frames) with ``max_sequence_length=32`` takes 0.03-0.07 s
+on one CPU thread (Wan 0.14 s); building a pipeline ~0.1 s, saving + loading ~0.2 s.
 
 Quirks vs. the real checkpoints: tiny widths and depths (1-2 layers), a 2048-token CLIP vocabulary
 (first 1534 merges of the real table) and a ~300-piece T5 vocabulary, so the text encoders'
@@ -521,8 +527,10 @@ def bench_pipeline(family: str = "sd3", *, num_layers: int = 2, seed: int = 0):
     4096, ``pooled_projection_dim`` 2048, patch 2 -- so one denoiser call costs what one
     SD3-medium layer pair costs; text encoders and VAE stay tiny (they run once per rollout, not
     per step). Meant for 64 px (``sample_size`` 8: 16 image tokens) and a short
-    ``max_sequence_length`` (e.g. 32), where one step takes a few tenths of a second on CPU. With
-    T5 (``variant`` default) the T5 encoder is 4096 wide but one layer of 2 heads x 8.
+    ``max_sequence_length`` (e.g. 32: 77 + 32 text tokens). Measured on one CPU thread with
+    ``num_layers=2`` (159 M transformer parameters, ~0.64 GB float32, built in ~3.5 s): one
+    transformer call 0.29 s at batch 1, 0.43 s at batch 2 (a CFG pair); a 1-step pipeline call
+    0.45 s. The T5 encoder is 4096 wide (``joint_attention_dim``) but one layer of 2 heads x 8.
     """
     if family != "sd3":
         raise ValueError(f"bench_pipeline: only the 'sd3' family is available, got {family!r}")
