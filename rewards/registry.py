@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from .base import Reward, RewardInfo
 
-__all__ = ["register", "load", "available", "info", "parse_spec"]
+__all__ = ["register", "load", "available", "info", "parse_spec", "factory_parameters"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,20 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
                 )
             options[key.strip()] = _parse_value(value.strip())
     return name.strip(), options
+
+
+def factory_parameters(name: str) -> set[str] | None:
+    """Keyword names the reward's factory accepts (None when it takes ``**options``)."""
+    import inspect
+
+    if name not in _REGISTRY:
+        raise _unknown(name)
+    module_name, _, attr = _REGISTRY[name].target.partition(":")
+    factory = getattr(importlib.import_module(f"visalign.rewards.{module_name}"), attr)
+    params = inspect.signature(factory).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
 
 
 def load(name_or_spec: str, **options: Any) -> Reward:

@@ -70,6 +70,17 @@ class TrainRecipe:
             raise ValueError("rewards: give at least one reward to train on, e.g. {shapes: 1.0}")
 
 
+def _load_reward(spec: str, shared: dict):
+    """Build a reward, passing it only the shared options (device, dtype...) its factory takes."""
+    import visalign.rewards as vr
+    from visalign.rewards.registry import factory_parameters
+
+    name, _ = vr.parse_spec(spec)
+    accepted = factory_parameters(name)
+    opts = shared if accepted is None else {k: v for k, v in shared.items() if k in accepted}
+    return vr.load(spec, **opts)
+
+
 def load_recipe(path, overrides=()) -> TrainRecipe:
     return load_config(path, TrainRecipe, overrides)
 
@@ -86,9 +97,9 @@ def build_trainer(recipe: TrainRecipe, accelerator=None):
     m = recipe.model
     sampler = vs.load(m.name, dtype=m.dtype, device=m.device, **m.options)
     trainable = add_lora(sampler, recipe.lora) if recipe.lora is not None else None
-    opts = dict(recipe.reward_options)
-    rewards = {spec: (vr.load(spec, **opts), w) for spec, w in recipe.rewards.items()}
-    eval_rewards = {spec: (rewards[spec][0] if spec in rewards else vr.load(spec, **opts)) for spec in recipe.eval_rewards}
+    rewards = {spec: (_load_reward(spec, recipe.reward_options), w) for spec, w in recipe.rewards.items()}
+    eval_rewards = {spec: (rewards[spec][0] if spec in rewards else _load_reward(spec, recipe.reward_options))
+                    for spec in recipe.eval_rewards}
     train = load_prompts(recipe.data.train)
     evals = load_prompts(recipe.data.eval)[: recipe.data.eval_max_prompts] if recipe.data.eval else []
     return GRPOTrainer(sampler, rewards, recipe.grpo, train_prompts=train, eval_prompts=evals,

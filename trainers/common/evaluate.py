@@ -55,8 +55,9 @@ def evaluate(
             traj = sampler.rollout(prompts, num_steps=num_steps, guidance_scale=guidance_scale, generator=gens,
                                    record_means=False, **(size or {}))
             images = sampler.decode(traj.final).float()
-        if len(kept) * batch_size < keep_images:
-            kept.append(images[: keep_images - sum(k.shape[0] for k in kept)].cpu())
+        if sum(k.shape[0] for k in kept) < keep_images:
+            shown = images[:, images.shape[1] // 2] if images.ndim == 5 else images  # video: its middle frame
+            kept.append(shown[: keep_images - sum(k.shape[0] for k in kept)].cpu())
         for name, reward in rewards.items():
             out = reward(images, prompts, metadata=metadata)
             entries = {name: out.scores, **{f"{name}/{c}": v for c, v in out.components.items() if c != name}}

@@ -24,8 +24,8 @@ class RunSettings:
     eval_with_ema: bool = True
     #: write a grid of eval samples with every evaluation
     save_sample_grid: bool = True
-    #: "no", "bf16" or "fp16" (accelerate's autocast; kernels still compute in float32)
-    mixed_precision: str = "no"
+    #: "fp32" (none), "bf16" or "fp16": accelerate's autocast; kernels still compute in float32
+    mixed_precision: str = "fp32"
     #: accelerate trackers to log to when installed: "tensorboard", "wandb"
     trackers: list[str] = field(default_factory=list)
     #: encode each prompt once and reuse it (text encoders are frozen)
@@ -36,7 +36,7 @@ class RunSettings:
     def __post_init__(self) -> None:
         if self.iterations < 0:
             raise ValueError(f"run.iterations must be >= 0, got {self.iterations}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"run.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"run.mixed_precision must be fp32, bf16 or fp16, got {self.mixed_precision!r}")
         if self.eval_samples_per_prompt < 1:
             raise ValueError("run.eval_samples_per_prompt must be >= 1")

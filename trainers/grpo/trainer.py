@@ -79,7 +79,7 @@ class GRPOTrainer:
 
         self.sampler, self.config, self.run = sampler, config, run or RunSettings()
         if accelerator is None:
-            accelerator = Accelerator(cpu=sampler.device.type == "cpu", mixed_precision=self.run.mixed_precision,
+            accelerator = Accelerator(cpu=sampler.device.type == "cpu", mixed_precision={"fp32": "no"}.get(self.run.mixed_precision, self.run.mixed_precision),
                                       log_with=self._available_trackers() or None, project_dir=self.run.run_dir)
         self.acc = accelerator
         config.check_geometry(self.acc.num_processes)

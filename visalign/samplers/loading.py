@@ -123,7 +123,7 @@ def load(model: str, dtype: torch.dtype | str | None = None, device: torch.devic
         return sampler_cls.from_folder(ref, dtype=dtype, device=device, name=name, **options)
     from diffusers import DiffusionPipeline
 
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     # Optional components saved as [null, null] (e.g. SD3 without T5) must be passed as None.
     kwargs.update({k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]})
     pipe = DiffusionPipeline.from_pretrained(ref, **kwargs)
