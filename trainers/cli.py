@@ -28,6 +28,8 @@ def run(args) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"visalign train: error: {err}", file=sys.stderr)
         return 2
+    if trainer.acc.is_main_process:
+        print(f"visalign train: {recipe.model.name}, processes: {trainer.acc.num_processes}, run folder {recipe.run.run_dir}")
     if args.resume:
         if not trainer.resume(args.resume):
             print(f"visalign train: error: no checkpoint in {args.resume}/checkpoints to resume from", file=sys.stderr)

@@ -96,6 +96,9 @@ def build_trainer(recipe: TrainRecipe, accelerator=None):
 
     m = recipe.model
     sampler = vs.load(m.name, dtype=m.dtype, device=m.device, **m.options)
+    import torch
+
+    torch.manual_seed(recipe.run.seed)  # LoRA's A matrices: the same on every process
     trainable = add_lora(sampler, recipe.lora) if recipe.lora is not None else None
     rewards = {spec: (_load_reward(spec, recipe.reward_options), w) for spec, w in recipe.rewards.items()}
     eval_rewards = {spec: (rewards[spec][0] if spec in rewards else _load_reward(spec, recipe.reward_options))

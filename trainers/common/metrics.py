@@ -80,14 +80,15 @@ def plot_metrics(run_dir: str | Path, keys: Sequence[str], eval_keys: Sequence[s
             axes[0].plot(*zip(*pts), label=k)
     axes[0].set_title("training rewards")
     axes[0].set_xlabel("iteration")
-    axes[0].legend(fontsize=7)
     for k in eval_keys:
         pts = [(r["iteration"], r[k]) for r in evals if r.get(k) is not None]
         if pts:
             axes[1].plot(*zip(*pts), marker="o", label=k)
     axes[1].set_title("evaluation (held-out prompts, ODE)")
     axes[1].set_xlabel("iteration")
-    axes[1].legend(fontsize=7)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path = atomic_write(out, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)

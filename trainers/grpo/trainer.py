@@ -102,6 +102,12 @@ class GRPOTrainer:
         self.params = [p for p in trainable if p.requires_grad]
         if not self.params:
             raise ValueError("nothing to train: no parameter requires grad")
+        if self.acc.num_processes > 1:  # every process starts from rank 0's weights
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                for p in self.params:
+                    dist.broadcast(p.data, src=0)
         sampler.denoiser.eval()  # no dropout: the same network samples and is trained (ratio 1 on-policy)
         c = config
         self.optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
