@@ -76,17 +76,36 @@ def lora_state_dict(sampler) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(sampler.denoiser).items()}
 
 
-def save_lora(sampler, out_dir: str | Path) -> Path:
-    """Write the adapters in diffusers' format (``pytorch_lora_weights.safetensors``)."""
-    from safetensors.torch import save_file
+#: the diffusers pipeline class whose LoRA writer matches each family's loader
+_WRITERS = {"sd": "StableDiffusionPipeline", "toy": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+            "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "wan": "WanPipeline"}
 
-    from visalign.io import atomic_write
+
+def save_lora(sampler, out_dir: str | Path, adapter_name: str = "default") -> Path:
+    """Write the adapters with diffusers' own LoRA writer (``pytorch_lora_weights.safetensors`` with
+    the adapter config as metadata), so ``pipe.load_lora_weights(out_dir)`` restores rank and alpha.
+    The folder is written beside ``out_dir`` and renamed into place."""
+    import shutil
+    import tempfile
+
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = getattr(diffusers, _WRITERS[sampler.family])
     prefix = weight_prefix(sampler.family)
-    state = {f"{prefix}.{k}": v.contiguous().cpu() for k, v in lora_state_dict(sampler).items()}
-    atomic_write(out / "pytorch_lora_weights.safetensors", lambda p: save_file(state, str(p)))
+    layers = get_peft_model_state_dict(sampler.denoiser, adapter_name=adapter_name)
+    metadata = sampler.denoiser.peft_config[adapter_name].to_dict()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        writer.save_lora_weights(tmp, **{f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": metadata})
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return out
 
 
@@ -98,3 +117,4 @@ def load_lora(sampler, lora_dir: str | Path, adapter_name: str = "default") -> N
         raise FileNotFoundError(f"no LoRA weights at {str(path)!r}: expected pytorch_lora_weights.safetensors")
     sampler.denoiser.load_lora_adapter(str(file.parent), weight_name=file.name,
                                        prefix=weight_prefix(sampler.family), adapter_name=adapter_name)
+    sampler.denoiser.set_adapters([adapter_name])

@@ -1,0 +1,55 @@
+"""``visalign toy pretrain | eval``: the shapes toy world from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)
+    pre = sub.add_parser("pretrain", help="pretrain the toy-shapes model on renderer data (resumable)")
+    pre.add_argument("--out", required=True, help="output folder (log.jsonl, ckpt.pt, final/)")
+    pre.add_argument("--steps", type=int, default=20000)
+    pre.add_argument("--batch", type=int, default=32)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--lr", type=float, default=5e-4)
+    pre.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    pre.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU")
+    ev = sub.add_parser("eval", help="GenEval-style accuracy on the held-out prompts")
+    ev.add_argument("--model", default="toy-shapes", help="toy-shapes or a folder saved by pretrain")
+    ev.add_argument("--lora", default=None, help="a LoRA folder (e.g. RUN/final from visalign train)")
+    ev.add_argument("--samples-per-prompt", type=int, default=4)
+    ev.add_argument("--steps", type=int, default=10, help="ODE steps (default 10)")
+    ev.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, 3.0)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-prompts", type=int, default=None)
+    ev.add_argument("--bf16", action="store_true")
+    ev.add_argument("--json", default=None, help="write the summary here")
+
+
+def run(args) -> int:
+    if args.toy_command == "pretrain":
+        from .pretrain import pretrain
+
+        out = pretrain(args.out, steps=args.steps, batch=args.batch, seed=args.seed, lr=args.lr,
+                       threads=args.threads, bf16=args.bf16)
+        print(f"pretrained model in {out}")
+        return 0
+    from visalign.samplers import ModelNotFoundError
+
+    from .evaluate import evaluate_model, format_report
+
+    try:
+        result = evaluate_model(args.model, lora=args.lora, samples_per_prompt=args.samples_per_prompt,
+                                num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                                max_prompts=args.max_prompts, bf16=args.bf16)
+    except (ModelNotFoundError, FileNotFoundError) as err:
+        print(f"visalign toy eval: error: {err}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    if args.json:
+        from visalign.io import atomic_write_json
+
+        atomic_write_json(args.json, result)
+    return 0
