@@ -34,7 +34,10 @@ def test_save_load_round_trip(tmp_path):
     for a, b in zip(model.parameters(), loaded.parameters()):
         assert torch.equal(a, b)
     assert loaded.scheduler.config.num_train_timesteps == 1000 and loaded.scheduler.config.shift == 1.0
-    assert loaded.unet.config.in_channels == 3 and loaded.unet.config.sample_size == 32
+    # space-to-depth: 2x2 pixel blocks as channels, (3, 32, 32) <-> (12, 16, 16)
+    assert loaded.unet.config.in_channels == 12 and loaded.unet.config.sample_size == 16
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(M.from_latent(M.to_latent(x)), x) and M.to_latent(x).shape == (2, 12, 16, 16)
     with torch.no_grad():
         a = M.sample(loaded, ["a red circle", ""], num_steps=2, generator=torch.Generator().manual_seed(0))
         b = M.sample(model, ["a red circle", ""], num_steps=2, generator=torch.Generator().manual_seed(0))

@@ -41,13 +41,17 @@ __all__ = [
 
 MAX_LENGTH = 16
 RESOLUTION = 32
+#: the UNet works on 2x2 space-to-depth pixels: (3, 32, 32) images <-> (12, 16, 16) "latents".
+#: A pixel permutation, so flow matching on it is flow matching on pixels; it makes every conv
+#: run at 16x16, about 5x cheaper on a CPU than the same widths at 32x32 (docs/toy_world.md).
+PATCH = 2
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PIPELINE_CLASS = "ToyShapesPipeline"
 
 UNET_CONFIG = dict(
-    sample_size=RESOLUTION,
-    in_channels=3,
-    out_channels=3,
+    sample_size=RESOLUTION // PATCH,
+    in_channels=3 * PATCH * PATCH,
+    out_channels=3 * PATCH * PATCH,
     block_out_channels=(32, 64, 96),
     layers_per_block=1,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -146,6 +150,7 @@ def save(model: ToyShapes, out_dir: str | os.PathLike) -> Path:
         "_transformers_version": transformers.__version__,
         "resolution": RESOLUTION,
         "max_length": MAX_LENGTH,
+        "pixel_shuffle": PATCH,
     }
     tmp = out / "model_index.json.tmp"
     tmp.write_text(json.dumps(index, indent=2) + "\n")
@@ -176,6 +181,16 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> ToyShapes
     return ToyShapes(unet, text_encoder, tokenizer, scheduler)
 
 
+def to_latent(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` pixels in [-1, 1] -> ``(B, 3 P^2, H / P, W / P)`` (space-to-depth)."""
+    return torch.nn.functional.pixel_unshuffle(images, PATCH)
+
+
+def from_latent(latents: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_latent`."""
+    return torch.nn.functional.pixel_shuffle(latents, PATCH)
+
+
 def encode_prompts(model: ToyShapes, prompts: Sequence[str]) -> torch.Tensor:
     """``encoder_hidden_states`` ``(B, MAX_LENGTH, D)`` for a list of prompts ("" = unconditional)."""
     tok = model.tokenizer(
@@ -204,7 +219,7 @@ def sample(
     n = len(prompts)
     cond = encode_prompts(model, list(prompts))
     uncond = encode_prompts(model, [""] * n) if guidance_scale != 1.0 else None
-    x = torch.randn((n, 3, RESOLUTION, RESOLUTION), generator=generator, device=device)  # (B, 3, H, W)
+    x = to_latent(torch.randn((n, 3, RESOLUTION, RESOLUTION), generator=generator, device=device))  # (B, 12, h, w)
     sigmas = torch.linspace(1.0, 0.0, num_steps + 1, device=device)
     for i in range(num_steps):
         s, s_next = sigmas[i], sigmas[i + 1]
@@ -216,4 +231,4 @@ def sample(
         else:
             v = unet(x, t, encoder_hidden_states=cond).sample
         x = x + (s_next - s) * v  # dt < 0: towards data
-    return ((x.clamp(-1, 1) + 1) / 2).float()
+    return ((from_latent(x).clamp(-1, 1) + 1) / 2).float()

@@ -24,7 +24,8 @@ class ToySampler(Sampler):
 
     def __init__(self, model, name: str = "toy-shapes") -> None:
         super().__init__(model.unet, pipeline=model, name=name)
-        self.resolution = int(model.unet.config.sample_size)
+        self.patch = int(round((model.unet.config.in_channels / 3) ** 0.5))  # space-to-depth factor
+        self.resolution = int(model.unet.config.sample_size) * self.patch
 
     @classmethod
     def from_folder(cls, path: str, dtype=None, device=None, name: str = "", **options) -> "ToySampler":
@@ -58,7 +59,8 @@ class ToySampler(Sampler):
 
     def noise(self, n: int, generator=None, *, height=None, width=None, **_) -> torch.Tensor:
         h, w = height or self.resolution, width or self.resolution
-        return randn((n, self.denoiser.config.in_channels, h, w), generator, self.device, self.dtype)
+        c, p = self.denoiser.config.in_channels, self.patch
+        return randn((n, c, h // p, w // p), generator, self.device, self.dtype)
 
     def schedule(self, num_steps: int, latents: torch.Tensor | None = None) -> Schedule:
         return flow_schedule(self.ode_scheduler(), num_steps, self.device)
@@ -67,4 +69,5 @@ class ToySampler(Sampler):
         return self.denoiser(x, t.expand(x.shape[0]), encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return to_unit_range(latents.float())
+        """Latents are space-to-depth pixels: ``pixel_shuffle`` puts them back, ``(B, 3, H, W)``."""
+        return to_unit_range(torch.nn.functional.pixel_shuffle(latents.float(), self.patch))
