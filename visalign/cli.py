@@ -110,9 +110,9 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "sample": ("generate images or videos with any model", _add_sample, _run_sample),
     "score": ("score a gallery of images or videos with rewards", *_delegate("visalign.gallery.cli")),
     "train": ("fine-tune a model against rewards (GRPO / DPO / reward backprop)", *_delegate("visalign.trainers.cli")),
-    "steer": ("inference-time steering: FK particles, reward guidance, best-of-N", *_delegate("visalign.trainers.steer_cli")),
+    "steer": ("inference-time steering (planned: FK particles, reward guidance, best-of-N)", *_delegate("visalign.trainers.steer_cli")),
     "rewards": ("list the reward models with inputs, range, gradient and licence", _add_rewards, _run_rewards),
-    "toy": ("the shapes toy world: pretrain, eval, train-proxy", *_delegate("visalign.toy.cli")),
+    "toy": ("the shapes toy world: pretrain the base model, evaluate a model or LoRA", *_delegate("visalign.toy.cli")),
 }
 
 
@@ -143,7 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             add(p)
         except ModuleNotFoundError as err:
-            print(f"visalign {name}: not available in this installation ({err}).", file=sys.stderr)
+            if err.name and err.name.startswith("visalign."):
+                print(f"visalign {name}: not implemented in this version of visalign yet.", file=sys.stderr)
+            else:
+                print(f"visalign {name}: a dependency is missing ({err}); reinstall with `pip install -e .`",
+                      file=sys.stderr)
             return 2
     else:
         parser = build_parser()
