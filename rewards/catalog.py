@@ -17,6 +17,7 @@ register(RewardInfo("hpsv2", "v2.1", "Apache-2.0", "image", _IP, (0.2, 0.35), di
 register(RewardInfo("jpeg_compressibility", "1", "none", "image", _I, (-200.0, 0.0), weights="none", description="DDPO: -(JPEG size in kB at quality 95)"), "jpeg:jpeg_compressibility")
 register(RewardInfo("jpeg_incompressibility", "1", "none", "image", _I, (0.0, 200.0), weights="none", description="DDPO: +(JPEG size in kB at quality 95)"), "jpeg:jpeg_incompressibility")
 register(RewardInfo("pickscore", "v1", "NOASSERTION", "image", _IP, (16.0, 26.0), differentiable=True, weights="yuvalkirstain/PickScore_v1 + processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K", description="PickScore: logit_scale.exp() * cos(image, text) of a CLIP-H fine-tuned on Pick-a-Pic"), "clip_rewards:pickscore")
+register(RewardInfo("shapes", "1", "none", "image", _IP, (0.0, 1.0), weights="none", description="toy-world gold verifier: colour segmentation + shape moments, GenEval clauses (partial credit or strict)"), "shapes:ShapesReward")
 register(RewardInfo("temporal_consistency", "1", "Apache-2.0", _V, _I, (0.0, 1.0), differentiable=True, weights="facebook/dinov2-base (or an open_clip CLIP)", description="VBench-style consistency: DINO/CLIP similarity of adjacent frames and to the first frame"), "video:temporal_consistency")
 register(RewardInfo("video_frames", "1", "as wrapped", _V, _I, (float("-inf"), float("inf")), differentiable=True, weights="as wrapped", description="any image reward on sampled frames of a video, mean or min over frames (video_frames:reward=aesthetic,frames=8)"), "video:video_frames")
 
@@ -39,9 +40,3 @@ def catalog_table() -> str:
             f"{'yes' if i.differentiable else 'no'} | {cell(i.licence)} | {cell(i.weights)} | {cell(i.description)} |"
         )
     return "\n".join(rows)
-register(
-    RewardInfo(name="shapes", version="1", licence="none", modality="image", inputs=("images", "prompts"),
-               native_range=(0.0, 1.0), differentiable=False, weights="none",
-               description="toy-world gold verifier: colour segmentation + shape moments, GenEval clauses (partial or strict)"),
-    "shapes:ShapesReward",
-)

@@ -9,8 +9,10 @@ Pipeline per image (all at the working resolution, 32 px; any input size is resi
    residual and is foreground when that colour's ``alpha >= 0.5`` and ``r < 0.3``.  Blending along
    the line to the background (not nearest-palette colour) keeps antialiased edges of a red shape
    from reading as another colour.
-3. **Objects**: 8-connected components of each colour (``scipy.ndimage.label``), smaller than
-   :data:`MIN_AREA` pixels dropped.
+3. **Objects**: 8-connected foreground components (``scipy.ndimage.label``) of at least
+   :data:`MIN_AREA` pixels, coloured by majority (GenEval detects first, then classifies colour);
+   a component that is no known shape and holds several colours (touching objects) is split into
+   its per-colour components.
 4. **Shape**: moments of the component's soft mask (the colour's alpha), which blur and noise
    barely move: the diagonal-over-axis kurtosis ratio (square 4/3, disc 1), the skewness of the
    vertical marginal (upright triangle -0.57, others 0) and the elongation var_x / var_y.  Blobs
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .prompts import COLORS, SHAPES, parse_prompt
+from .prompts import COLORS, parse_prompt
 from .render import relations
 
 __all__ = ["Detected", "Verdict", "WORK_RES", "MIN_AREA", "to_work", "detect", "detect_batch", "check", "verify"]
@@ -84,8 +86,8 @@ def to_work(images: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _segment(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Colour label (-1 = background) ``(B, H, W)`` and alpha per palette colour ``(B, H, W, K)``
-    for a batch ``(B, H, W, 3)``."""
+    """Colour label (-1 = background) ``(B, H, W)`` and the alpha of each pixel's best colour
+    ``(B, H, W)`` for a batch ``(B, H, W, 3)``."""
     b, h, w, _ = x.shape
     border = np.concatenate([x[:, 0], x[:, -1], x[:, 1:-1, 0], x[:, 1:-1, -1]], axis=1)  # (B, P, 3)
     bg = np.median(border, axis=1)  # (B, 3)
@@ -100,7 +102,7 @@ def _segment(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a = np.take_along_axis(alpha, k[..., None], -1)[..., 0]
     r = np.sqrt(np.maximum(np.take_along_axis(resid2, k[..., None], -1)[..., 0], 0.0))
     label = np.where((a >= _ALPHA_MIN) & (r < _RESID_MAX), k, -1)
-    return label.reshape(b, h, w), alpha.reshape(b, h, w, -1)
+    return label.reshape(b, h, w), a.reshape(b, h, w)
 
 
 def _moments(a: np.ndarray) -> tuple[float, float, float]:
@@ -148,26 +150,47 @@ def _classify(ratio: float, skew: float, elong: float) -> str:
     return "square" if ratio > 1.15 else "circle"
 
 
+def _describe(obj: np.ndarray, big: tuple[slice, slice], label: np.ndarray, alpha: np.ndarray) -> Detected:
+    """One object from its boolean mask ``obj`` inside the window ``big`` of the image."""
+    # The soft mask: alpha on the object grown by one pixel (its antialiased rim), leaving out
+    # pixels that belong to other objects.
+    grown = ndimage.binary_dilation(obj, structure=_EIGHT)
+    soft = alpha[big] * (grown & (obj | (label[big] < 0)))
+    ratio, skew, elong = _moments(soft)
+    counts = np.bincount(label[big][obj], minlength=len(_NAMES))
+    rows, cols = np.nonzero(obj.any(1))[0], np.nonzero(obj.any(0))[0]
+    y0, x0 = big[0].start + rows[0], big[1].start + cols[0]
+    box = (float(x0), float(y0), float(big[1].start + cols[-1] + 1), float(big[0].start + rows[-1] + 1))
+    return Detected(_classify(ratio, skew, elong), _NAMES[int(counts.argmax())], box, int(obj.sum()), ratio, skew)
+
+
 def _objects(label: np.ndarray, alpha: np.ndarray) -> list[Detected]:
-    """Objects of one image: ``label`` (H, W) colour index or -1, ``alpha`` (H, W, K)."""
+    """Objects of one image: ``label`` (H, W) colour index or -1, ``alpha`` (H, W) of that colour.
+
+    Objects are connected foreground regions whatever their colours, coloured by majority, as
+    GenEval detects an object first and classifies its colour second: a generated square shaded
+    from blue to cyan is one square.  A region that is no known shape and holds several colours
+    (two objects that touch) is split into one object per colour.
+    """
     out: list[Detected] = []
-    for k in np.unique(label):
-        if k < 0:
+    h, w = label.shape
+    comp, _ = ndimage.label(label >= 0, structure=_EIGHT)
+    for i, sl in enumerate(ndimage.find_objects(comp), start=1):
+        big = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(sl, (h, w)))
+        own = comp[big] == i
+        if own.sum() < MIN_AREA:
             continue
-        comp, _ = ndimage.label(label == k, structure=_EIGHT)
-        for i, sl in enumerate(ndimage.find_objects(comp), start=1):
-            area = int((comp[sl] == i).sum())
-            if area < MIN_AREA:
-                continue
-            # The soft mask: this colour's alpha on the component grown by one pixel, leaving out
-            # pixels that belong to other objects.
-            big = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
-            grown = ndimage.binary_dilation(comp[big] == i, structure=_EIGHT)
-            lab = label[big]
-            soft = alpha[big][..., k] * (grown & ((lab == k) | (lab < 0)))
-            ratio, skew, elong = _moments(soft)
-            box = (float(sl[1].start), float(sl[0].start), float(sl[1].stop), float(sl[0].stop))
-            out.append(Detected(_classify(ratio, skew, elong), _NAMES[k], box, area, ratio, skew))
+        det = _describe(own, big, label, alpha)
+        colours = np.unique(label[big][own])
+        if det.shape != "unknown" or len(colours) == 1:
+            out.append(det)
+            continue
+        for k in colours:
+            sub, n = ndimage.label(own & (label[big] == k), structure=_EIGHT)
+            for j in range(1, n + 1):
+                part = sub == j
+                if part.sum() >= MIN_AREA:
+                    out.append(_describe(part, big, label, alpha))
     return out
 
 
