@@ -87,3 +87,19 @@ def test_missing_toy_asset_message(monkeypatch, tmp_path):
     monkeypatch.setenv("VISALIGN_ASSETS", str(tmp_path))
     with pytest.raises(vs.ModelNotFoundError, match="toy-shapes"):
         vs.load("toy-shapes")
+
+
+def test_shipped_toy_shapes_loads_by_name_and_draws_the_prompt():
+    """The shipped base model is good but imperfect: single objects come out right most of the time."""
+    import visalign.rewards as vr
+    from visalign.toy.prompts import split
+
+    sampler = vs.load("toy-shapes")
+    assert sampler.family == "toy" and sampler.default_size() == (32, 32)
+    metas = [m for m in split("eval") if m["tag"] in ("single_object", "colors")][:24]
+    with torch.no_grad():
+        images = sampler.generate([m["prompt"] for m in metas], num_steps=10, guidance_scale=3.0,
+                                  generator=[torch.Generator().manual_seed(i) for i in range(len(metas))])
+    out = vr.load("shapes:mode=strict")(images, [m["prompt"] for m in metas], metadata=metas)
+    assert images.shape == (24, 3, 32, 32)
+    assert out.scores.mean() >= 0.5  # measured 0.92 / 0.68 on these categories with 4 samples per prompt
