@@ -101,5 +101,5 @@ def test_shipped_toy_shapes_loads_by_name_and_draws_the_prompt():
         images = sampler.generate([m["prompt"] for m in metas], num_steps=10, guidance_scale=3.0,
                                   generator=[torch.Generator().manual_seed(i) for i in range(len(metas))])
     out = vr.load("shapes:mode=strict")(images, [m["prompt"] for m in metas], metadata=metas)
-    assert images.shape == (24, 3, 32, 32)
+    assert images.shape == (len(metas), 3, 32, 32)
     assert out.scores.mean() >= 0.5  # measured 0.92 / 0.68 on these categories with 4 samples per prompt
