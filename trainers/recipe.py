@@ -48,6 +48,9 @@ class DataSection:
     eval: str | None = "toy:eval"
     #: evaluate on the first N eval prompts (None = all)
     eval_max_prompts: int | None = None
+    #: draw training prompts equally from each value of this metadata field (e.g. "tag": GenEval's
+    #: categories); None draws every prompt equally
+    balance_by: str | None = None
 
 
 @dataclass
@@ -104,6 +107,10 @@ def build_trainer(recipe: TrainRecipe, accelerator=None):
     eval_rewards = {spec: (rewards[spec][0] if spec in rewards else _load_reward(spec, recipe.reward_options))
                     for spec in recipe.eval_rewards}
     train = load_prompts(recipe.data.train)
+    if recipe.data.balance_by:
+        from .common.data import balance
+
+        train = balance(train, recipe.data.balance_by)
     evals = load_prompts(recipe.data.eval)[: recipe.data.eval_max_prompts] if recipe.data.eval else []
     return GRPOTrainer(sampler, rewards, recipe.grpo, train_prompts=train, eval_prompts=evals,
                        eval_rewards=eval_rewards, run=recipe.run, trainable=trainable, accelerator=accelerator,

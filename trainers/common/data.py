@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_prompts", "PromptSampler"]
+__all__ = ["load_prompts", "balance", "PromptSampler"]
 
 
 def load_prompts(spec: str) -> list[dict]:
@@ -41,6 +41,19 @@ def load_prompts(spec: str) -> list[dict]:
     if not records:
         raise ValueError(f"prompt source {spec!r} holds no prompts")
     return records
+
+
+def balance(records: list[dict], key: str = "tag") -> list[dict]:
+    """Oversample so every value of ``metadata[key]`` (e.g. GenEval's category) has as many records
+    as the largest: each category is then drawn equally often, as GenEval weighs them equally."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        value = (r.get("metadata") or {}).get(key)
+        if value is None:
+            raise ValueError(f"cannot balance prompts by {key!r}: a record has no metadata[{key!r}] ({r['prompt']!r})")
+        groups.setdefault(str(value), []).append(r)
+    most = max(len(g) for g in groups.values())
+    return [g[i % len(g)] for name in sorted(groups) for g in [groups[name]] for i in range(most)]
 
 
 @dataclass
