@@ -40,3 +40,4 @@ def catalog_table() -> str:
             f"{'yes' if i.differentiable else 'no'} | {cell(i.licence)} | {cell(i.weights)} | {cell(i.description)} |"
         )
     return "\n".join(rows)
+register(RewardInfo(name="shapes-proxy", version="1", licence="none", modality="image", inputs=("images", "prompts"), native_range=(0.0, 1.0), differentiable=True, weights="assets/shapes-proxy (trained by `visalign toy train-proxy`)", description="toy-world learned proxy of the gold verifier: prompt-conditioned CNN, P(strict pass); differentiable"), "shapes_proxy:ShapesProxyReward")
