@@ -21,7 +21,7 @@ def _pil(u8):
     return Image.fromarray(u8.permute(1, 2, 0).numpy())
 
 
-def _close(ours, ref):
+def check_close(ours, ref):
     # PIL resamples in 8-bit fixed point with an intermediate uint8 image: differences of about one
     # grey level (1/255 / std ~ 0.015 after normalisation) at some pixels, far less on average.
     diff = (ours - ref).abs()
@@ -37,7 +37,7 @@ def test_matches_open_clip_transform(hw, mode, resize):
     ref = image_transform(32, is_train=False, resize_mode=mode)(_pil(u8))
     ours = preprocess(u8[None].float() / 255, PreprocessSpec(32, resize=resize))[0]
     assert ours.shape == ref.shape == (3, 32, 32)
-    _close(ours, ref)
+    check_close(ours, ref)
 
 
 @pytest.mark.parametrize("hw", SIZES)
@@ -51,7 +51,7 @@ def test_matches_transformers_clip_processor(hw, backend):
     u8 = _uint8_image(*hw, seed=hw[1])
     ref = torch.as_tensor(np.asarray(proc(images=[_pil(u8)], return_tensors="pt")["pixel_values"]))[0]
     ours = preprocess(u8[None].float() / 255, PreprocessSpec(32, crop_offset="floor"))[0]
-    _close(ours, ref)
+    check_close(ours, ref)
 
 
 @pytest.mark.parametrize("hw", SIZES)
@@ -63,7 +63,7 @@ def test_matches_bit_processor_with_resize_then_crop(hw):
     u8 = _uint8_image(*hw, seed=3)
     ref = proc(images=[_pil(u8)], return_tensors="pt")["pixel_values"][0]
     spec = PreprocessSpec(32, resize_to=40, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_offset="floor")
-    _close(preprocess(u8[None].float() / 255, spec)[0], ref)
+    check_close(preprocess(u8[None].float() / 255, spec)[0], ref)
 
 
 def test_letterbox_geometry_and_zero_padding():
