@@ -1,7 +1,9 @@
 """Image grids of the shapes world (docs figures and pretraining previews).
 
 ``python -m visalign.toy.figures docs/img`` writes one renderer grid per category
-(``toy_<tag>.png``: 4 prompts x 4 seeds, upscaled 4x with nearest neighbour so pixels stay visible).
+(``toy_<tag>.png``: 4 prompts x 4 seeds, upscaled 4x with nearest neighbour so pixels stay visible)
+and, with ``--model toy-shapes [--lora DIR] [--name base]``, the model's samples of the same
+prompts (``<name>_<tag>.png``; 10 ODE steps, CFG 3.0).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 from .prompts import TAGS, by_tag, split
 from .render import render
 
-__all__ = ["grid", "save_png", "category_grids"]
+__all__ = ["grid", "save_png", "category_grids", "model_grids"]
 
 
 def grid(images: np.ndarray, nrow: int, pad: int = 2, scale: int = 4) -> np.ndarray:
@@ -42,15 +44,20 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     return path
 
 
+def _picks(seed: int, prompts_per_category: int):
+    """The same prompts per category for renderer and model grids, and the rng that drew them."""
+    rng = np.random.default_rng(seed)
+    groups = by_tag(split("eval"))
+    for tag in TAGS:
+        g = groups[tag]
+        yield tag, [g[i] for i in rng.choice(len(g), size=min(prompts_per_category, len(g)), replace=False)], rng
+
+
 def category_grids(out_dir: str | Path, seed: int = 0, prompts_per_category: int = 4,
                    seeds: int = 4) -> list[Path]:
     """One renderer grid per category: rows are prompts of the eval split, columns seeds."""
-    rng = np.random.default_rng(seed)
-    groups = by_tag(split("eval"))
     written = []
-    for tag in TAGS:
-        g = groups[tag]
-        pick = [g[i] for i in rng.choice(len(g), size=min(prompts_per_category, len(g)), replace=False)]
+    for tag, pick, rng in _picks(seed, prompts_per_category):
         imgs = [render(m, rng) for m in pick for _ in range(seeds)]
         path = save_png(grid(np.stack(imgs), nrow=seeds), Path(out_dir) / f"toy_{tag}.png")
         (Path(out_dir) / f"toy_{tag}.txt").write_text("\n".join(m["prompt"] for m in pick) + "\n")
@@ -58,9 +65,39 @@ def category_grids(out_dir: str | Path, seed: int = 0, prompts_per_category: int
     return written
 
 
+def model_grids(out_dir: str | Path, model: str = "toy-shapes", lora: str | None = None, name: str = "base",
+                seed: int = 0, prompts_per_category: int = 4, seeds: int = 4) -> list[Path]:
+    """The model's ODE samples of the renderer grids' prompts: rows prompts, columns seeds."""
+    import torch
+
+    import visalign.samplers as vs
+
+    sampler = vs.load(model)
+    if lora:
+        from visalign.trainers.common.lora import load_lora
+
+        load_lora(sampler, lora)
+    written = []
+    for tag, pick, _ in _picks(seed, prompts_per_category):
+        prompts = [m["prompt"] for m in pick for _ in range(seeds)]
+        gens = [torch.Generator().manual_seed(k) for _ in pick for k in range(seeds)]
+        with torch.no_grad():
+            imgs = sampler.generate(prompts, num_steps=10, guidance_scale=3.0, generator=gens)
+        written.append(save_png(grid(imgs.numpy(), nrow=seeds), Path(out_dir) / f"{name}_{tag}.png"))
+    return written
+
+
 def _main(argv: Sequence[str]) -> None:
-    out = argv[0] if argv else "docs/img"
-    for p in category_grids(out):
+    import argparse
+
+    ap = argparse.ArgumentParser(description="image grids of the shapes world")
+    ap.add_argument("out", nargs="?", default="docs/img")
+    ap.add_argument("--model", default=None, help="also draw this model's samples (e.g. toy-shapes)")
+    ap.add_argument("--lora", default=None)
+    ap.add_argument("--name", default="base", help="file prefix of the model grids")
+    a = ap.parse_args(argv)
+    paths = category_grids(a.out) if a.model is None else model_grids(a.out, a.model, a.lora, a.name)
+    for p in paths:
         print(p)
 
 
