@@ -49,7 +49,7 @@ class ShapesReward(Reward):
         references: Any,
         metadata: Sequence[dict] | None,
     ) -> RewardOutput:
-        from visalign.toy.prompts import TAGS, parse_prompt
+        from visalign.toy.prompts import TAGS, parse_prompts
         from visalign.toy.verify import check, detect_batch
 
         if images.ndim != 4:
@@ -57,17 +57,10 @@ class ShapesReward(Reward):
         b = images.shape[0]
         if metadata is not None and len(metadata) != b:
             raise ValueError(f"reward 'shapes': got {b} images but {len(metadata)} metadata entries")
-        metas: list[dict | None] = []
-        reasons: list[str] = [""] * b
-        for i in range(b):
-            if metadata is not None:
-                metas.append(metadata[i])
-                continue
-            try:
-                metas.append(parse_prompt(prompts[i]))
-            except ValueError as err:  # outside the grammar: this sample cannot be judged
-                metas.append(None)
-                reasons[i] = str(err)
+        if metadata is not None:
+            metas, reasons = list(metadata), [""] * b
+        else:  # outside the grammar: that sample cannot be judged
+            metas, reasons = parse_prompts(prompts)
         objects = detect_batch(images)
         nan = float("nan")
         strict = torch.full((b,), nan)

@@ -60,19 +60,13 @@ class ShapesProxyReward(Reward):
         references: Any,
         metadata: Sequence[dict] | None,
     ) -> RewardOutput:
-        from visalign.toy.prompts import parse_prompt
+        from visalign.toy.prompts import parse_prompts
 
         if images.ndim != 4:
             raise ValueError(f"reward 'shapes-proxy' scores images (B, 3, H, W), not video; got {tuple(images.shape)}")
         b = images.shape[0]
-        reasons = [""] * b
-        ok = []
-        for i, p in enumerate(prompts):
-            try:
-                parse_prompt(p)
-                ok.append(i)
-            except ValueError as err:  # outside the grammar: the proxy has never seen such a prompt
-                reasons[i] = str(err)
+        metas, reasons = parse_prompts(prompts)  # outside the grammar: the proxy never saw such a prompt
+        ok = [i for i, m in enumerate(metas) if m is not None]
         device = self.model.pos_emb.device
         nan = torch.full((b,), float("nan"), device=images.device)
         logit, partial = nan.clone(), nan.clone()

@@ -230,6 +230,21 @@ def parse_prompt(text: str) -> dict:
     return _meta("colors" if "color" in a else "single_object", [a], text)
 
 
+def parse_prompts(prompts: Sequence[str]) -> tuple[list[dict | None], list[str]]:
+    """``parse_prompt`` over a batch: ``(metadata or None, reason)`` per prompt; a prompt outside
+    the grammar gets ``None`` and the parser's message, so a reward can mark just that sample invalid."""
+    metas: list[dict | None] = []
+    reasons: list[str] = []
+    for text in prompts:
+        try:
+            metas.append(parse_prompt(text))
+            reasons.append("")
+        except ValueError as err:
+            metas.append(None)
+            reasons.append(str(err))
+    return metas, reasons
+
+
 def overall(per_category: Mapping[str, float]) -> float:
     """GenEval's overall score: the unweighted mean of the per-category accuracies present."""
     vals = [float(per_category[t]) for t in TAGS if t in per_category]
