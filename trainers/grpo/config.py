@@ -26,13 +26,24 @@ class GRPOConfig:
     kernel: str = "flow_sde"
     #: noise level a (flow_sde 0.7, flow_cps 0.8) or DDIM eta (1.0); None = the kernel's default
     noise_level: float | None = None
+    #: flow_sde only: explore with noise constant on f x f latent blocks (see
+    #: visalign.samplers.kernels.flow_sde_step); 1 = Flow-GRPO's isotropic noise
+    noise_pool: int = 1
     #: which steps are stochastic: "all", "window" (fixed, sde_window_start), "random" (a random
     #: window per iteration, Flow-GRPO-Fast) or "sliding" (MixGRPO: moves one step every
     #: sde_window_shift_every iterations)
     sde_mode: str = "all"
     sde_window_size: int = 2
+    #: first step of the window ("window", "sliding"); lowest start of a "random" window
     sde_window_start: int = 0
+    #: a "random" window lies inside steps [sde_window_start, sde_window_end); None = num_steps
+    sde_window_end: int | None = None
     sde_window_shift_every: int = 25
+    #: the G samples of a prompt start from the same initial noise (DanceGRPO, Xue et al. 2025), so
+    #: with ODE steps before the window every difference within a group comes from the trained
+    #: stochastic steps (sharp credit assignment, as in TempFlow-GRPO's branching); False draws
+    #: independent noise per sample (Flow-GRPO)
+    shared_noise: bool = False
     # ---- advantages ----------------------------------------------------------------------------
     #: "group": std per group; "global": std over the whole gathered batch (Flow-GRPO's default);
     #: "per_prompt": DDPO's running statistics over the last per_prompt_buffer rewards of a prompt
@@ -43,6 +54,18 @@ class GRPOConfig:
     #: (normalise each reward within its group, then weight)
     multi_reward: str = "reward"
     # ---- objective -----------------------------------------------------------------------------
+    #: "policy_gradient" (Flow-GRPO / DDPO: clipped ratio of SDE transition log-probs) or "nft"
+    #: (DiffusionNFT, Zheng et al. 2025: ODE rollouts, group-normalised rewards turned into an
+    #: optimality probability, advantage-weighted flow matching on the forward process; flow models)
+    objective: str = "policy_gradient"
+    #: nft: strength beta of the implicit positive / negative policies (DiffusionNFT)
+    nft_beta: float = 1.0
+    #: nft: noise levels (steps of the rollout schedule) trained per sample and iteration
+    nft_timesteps: int = 2
+    #: nft: "nft" (DiffusionNFT's positive and negative implicit policies) or "positive" (flow
+    #: matching on the better-than-group samples only, weighted by their advantage: online
+    #: reward-weighted regression, Peng et al. 2019 / RAFT, Dong et al. 2023)
+    nft_weighting: str = "nft"
     clip_range: float = 1e-4
     #: KL weight beta on the step mean (0.04 GenEval/OCR, 0.01 PickScore; DDPO: 0)
     kl_beta: float = 0.04
@@ -81,6 +104,19 @@ class GRPOConfig:
         need(self.num_steps >= 2, f"num_steps must be >= 2, got {self.num_steps}")
         need(self.kernel in ("flow_sde", "flow_cps", "ddim"),
              f"kernel must be flow_sde or flow_cps (flow models) or ddim (eps / v models), got {self.kernel!r}")
+        need(self.objective in ("policy_gradient", "nft"),
+             f"objective must be policy_gradient or nft, got {self.objective!r}")
+        if self.objective == "nft":
+            need(self.kernel != "ddim", "objective nft is for rectified-flow models; set kernel: flow_sde (rollouts "
+                 "are ODE) or objective: policy_gradient for eps / v models")
+            need(not self.shared_noise, "objective nft rolls out with the ODE, so shared_noise would make every "
+                 "sample of a group identical; set shared_noise: false")
+            need(1 <= self.nft_timesteps <= self.num_steps, f"nft_timesteps must be in 1..num_steps, got {self.nft_timesteps}")
+            need(self.nft_beta > 0, f"nft_beta must be > 0, got {self.nft_beta}")
+            need(self.nft_weighting in ("nft", "positive"), f"nft_weighting must be nft or positive, got {self.nft_weighting!r}")
+        need(self.noise_pool >= 1, f"noise_pool must be >= 1, got {self.noise_pool}")
+        need(self.noise_pool == 1 or self.kernel == "flow_sde",
+             f"noise_pool > 1 is a flow_sde option; kernel is {self.kernel!r}: set noise_pool: 1 or kernel: flow_sde")
         need(self.sde_mode in ("all", "window", "random", "sliding"),
              f"sde_mode must be all, window, random or sliding, got {self.sde_mode!r}")
         if self.sde_mode != "all":
@@ -88,6 +124,10 @@ class GRPOConfig:
                  f"sde_window_size must be in 1..num_steps ({self.num_steps}), got {self.sde_window_size}")
             need(0 <= self.sde_window_start <= self.num_steps - self.sde_window_size,
                  f"sde_window_start must be in 0..{self.num_steps - self.sde_window_size}, got {self.sde_window_start}")
+            end = self.num_steps if self.sde_window_end is None else self.sde_window_end
+            need(self.sde_window_start + self.sde_window_size <= end <= self.num_steps,
+                 f"sde_window_end must be in {self.sde_window_start + self.sde_window_size}..{self.num_steps} "
+                 f"(sde_window_start + sde_window_size .. num_steps), got {self.sde_window_end}")
         need(self.advantage_std in ("group", "global", "per_prompt"),
              f"advantage_std must be group, global or per_prompt, got {self.advantage_std!r}")
         need(self.multi_reward in ("reward", "advantage"), f"multi_reward must be reward or advantage, got {self.multi_reward!r}")
@@ -100,9 +140,11 @@ class GRPOConfig:
         need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
     def kernel_options(self) -> dict:
-        if self.noise_level is None:
-            return {}
-        return {"eta": self.noise_level} if self.kernel == "ddim" else {"noise_level": self.noise_level}
+        opts = {} if self.noise_level is None else (
+            {"eta": self.noise_level} if self.kernel == "ddim" else {"noise_level": self.noise_level})
+        if self.noise_pool != 1:
+            opts["noise_pool"] = self.noise_pool
+        return opts
 
     def check_geometry(self, num_processes: int) -> None:
         """Batch-geometry checks that need the number of processes; errors say what to change."""

@@ -165,7 +165,8 @@ class GRPOTrainer:
         if c.sde_mode == "window":
             return list(range(c.sde_window_start, c.sde_window_start + c.sde_window_size))
         if c.sde_mode == "random":
-            return RandomWindow(c.sde_window_size, 0, c.num_steps)
+            return RandomWindow(c.sde_window_size, c.sde_window_start,
+                                c.num_steps if c.sde_window_end is None else c.sde_window_end)
         span = c.num_steps - c.sde_window_size + 1
         start = (c.sde_window_start + it // c.sde_window_shift_every) % span
         return list(range(start, start + c.sde_window_size))
@@ -183,9 +184,15 @@ class GRPOTrainer:
         gen = torch.Generator().manual_seed(_seed(self.run.seed, it, acc.process_index, 1))
         t0 = time.perf_counter()
         cond = self._encode(prompts).to(self.sampler.device)
+        latents = None
+        if c.shared_noise:  # one draw per prompt, repeated over its group
+            latents = self.sampler.noise(len(mine), gen, **self.size).repeat_interleave(c.group_size, 0)
+        nft = c.objective == "nft"  # DiffusionNFT samples with the ODE: the eval-time sampler
         with torch.no_grad(), acc.autocast():
-            traj = self.sampler.rollout(cond, num_steps=c.num_steps, guidance_scale=self.guidance, kernel=c.kernel,
-                                        kernel_options=c.kernel_options(), sde_steps=self._sde_steps(it), generator=gen, **self.size)
+            traj = self.sampler.rollout(cond, num_steps=c.num_steps, guidance_scale=self.guidance,
+                                        kernel="ode" if nft else c.kernel, kernel_options={} if nft else c.kernel_options(),
+                                        sde_steps="none" if nft else self._sde_steps(it), generator=gen,
+                                        latents=latents, record_means=not nft, **self.size)
             images = self.sampler.decode(traj.final).float()
         t1 = time.perf_counter()
         with torch.no_grad():
@@ -251,11 +258,71 @@ class GRPOTrainer:
                  "clipped": ((ratio - 1).abs() > c.clip_range).detach().float()}
         return loss, stats
 
+    def _nft_targets(self, traj: Trajectory, keep: torch.Tensor, gen: torch.Generator, single_step: bool) -> dict:
+        """DiffusionNFT's forward-process draws for this iteration: the noise levels (steps of the
+        rollout schedule), fresh noise per sample and level, and, when the iteration takes more
+        than one optimizer step, the sampling policy's velocity ``v_old`` computed up front."""
+        c = self.config
+        steps = torch.randperm(c.num_steps, generator=gen)[: c.nft_timesteps].sort().values.tolist()
+        x0 = traj.final.float()
+        eps = torch.randn((x0.shape[0], len(steps), *x0.shape[1:]), generator=gen).to(x0.device)
+        v_old = None
+        if not single_step:
+            v_old = torch.zeros_like(eps)
+            with torch.no_grad(), self.acc.autocast():
+                for m0 in range(0, x0.shape[0], c.train_batch_size):
+                    rows = torch.arange(m0, min(m0 + c.train_batch_size, x0.shape[0]))
+                    sub = traj[rows.to(traj.latents.device)]
+                    for k, t in enumerate(steps):
+                        v_old[rows, k] = self._nft_velocity(sub, t, x0[rows], eps[rows, k]).float()
+        return {"steps": steps, "x0": x0, "eps": eps, "v_old": v_old}
+
+    def _nft_velocity(self, sub: Trajectory, t: int, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        s = sub.schedule.sigma(t, x0)
+        x_t = ((1 - s) * x0 + s * eps).to(sub.latents.dtype)
+        # the conditional velocity (no CFG), whatever guided the rollout: flow matching on the
+        # guided output would regress the CFG extrapolation onto single-sample targets.  A
+        # guidance-distilled model (FLUX.1-dev) keeps its guidance input.
+        scale = 1.0 if self.sampler.guidance == "cfg" else sub.guidance_scale
+        return self.sampler.denoise(x_t, t, sub.schedule, sub.cond, scale)
+
+    def _nft_loss(self, sub: Trajectory, k: int, t: int, adv: torch.Tensor, draws: dict, rows: torch.Tensor):
+        """DiffusionNFT (Zheng et al. 2025, eq. 7): with ``r = 0.5 + 0.5 clip(A, -1, 1)``,
+        ``v+ = (1 - b) v_old + b v``, ``v- = (1 + b) v_old - b v``, the loss is
+        ``r |v+ - (eps - x0)|^2 + (1 - r) |v- - (eps - x0)|^2`` (means over the latent)."""
+        c = self.config
+        x0, eps = draws["x0"][rows], draws["eps"][rows, k]
+        with self.acc.autocast():
+            v = self._nft_velocity(sub, t, x0, eps).float()
+        v_old = v.detach() if draws["v_old"] is None else draws["v_old"][rows, k]
+        target = eps - x0
+        shape = (-1, *([1] * (v.ndim - 1)))
+        if c.nft_weighting == "positive":
+            loss = (adv.clamp_min(0).view(shape) * (v - target) ** 2).flatten(1).mean(1)
+        else:
+            b = c.nft_beta
+            r = (0.5 + 0.5 * adv.clamp(-1, 1)).view(shape)
+            pos = ((1 - b) * v_old + b * v - target) ** 2
+            neg = ((1 + b) * v_old - b * v - target) ** 2
+            loss = (r * pos + (1 - r) * neg).flatten(1).mean(1)
+        drift = ((v.detach() - v_old) ** 2).flatten(1).mean(1)
+        nan = torch.full_like(loss, float("nan"))
+        return loss, {"ratio": nan, "kl": drift, "pg": loss.detach(), "clipped": torch.zeros_like(loss)}
+
     def update(self, batch: dict, it: int) -> dict:
         c = self.config
         traj, adv, keep, gen = batch["traj"], batch["advantages"], batch["keep"], batch["gen"]
-        steps = self._trained_steps(traj, gen)
+        nft = c.objective == "nft"
+        if nft and c.nft_weighting == "positive":
+            keep = keep & (adv > 0)  # the rest have weight 0: skip their compute
         idx_all = torch.nonzero(keep).flatten()
+        if nft:
+            per_step = c.train_batch_size * c.gradient_accumulation
+            single = c.inner_epochs == 1 and idx_all.numel() <= per_step
+            draws = self._nft_targets(traj, keep, gen, single)
+            steps = draws["steps"]
+        else:
+            steps = self._trained_steps(traj, gen)
         acc_stats: dict[str, list[torch.Tensor]] = {"ratio": [], "kl": [], "pg": [], "clipped": []}
         losses, grad_norms, skipped, opt_steps = [], [], 0, 0
         per_step = c.train_batch_size * c.gradient_accumulation
@@ -271,8 +338,11 @@ class GRPOTrainer:
                     mb = group[m0 : m0 + c.train_batch_size]
                     sub = traj[mb.to(traj.latents.device)]
                     a = adv[mb].to(self.sampler.device)
-                    for t in steps:
-                        loss, st = self._step_loss(sub, t, a)
+                    for k, t in enumerate(steps):
+                        if nft:
+                            loss, st = self._nft_loss(sub, k, t, a, draws, mb)
+                        else:
+                            loss, st = self._step_loss(sub, t, a)
                         scaled = loss.sum() / denom
                         if not torch.isfinite(scaled):
                             bad = True

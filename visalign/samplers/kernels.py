@@ -123,8 +123,21 @@ def ode_step(pred, x, schedule: "Schedule", i: int, *, generator=None, prev_samp
     return _finish(mean, mean, 0.0, x0, dtype, stochastic=False)
 
 
+def _pool(t: torch.Tensor, f: int) -> torch.Tensor:
+    """Block means over ``f x f`` blocks of the last two dims (any leading dims)."""
+    lead, (h, w) = t.shape[:-2], t.shape[-2:]
+    if h % f or w % f:
+        raise ValueError(f"noise_pool={f} must divide the latent's height and width ({h} x {w}); choose a divisor")
+    return torch.nn.functional.avg_pool2d(t.reshape(-1, 1, h, w), f).reshape(*lead, h // f, w // f)
+
+
+def _unpool(t: torch.Tensor, f: int) -> torch.Tensor:
+    return t.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)
+
+
 def flow_sde_step(
-    pred, x, schedule: "Schedule", i: int, *, generator=None, prev_sample=None, noise_level: float = 0.7
+    pred, x, schedule: "Schedule", i: int, *, generator=None, prev_sample=None, noise_level: float = 0.7,
+    noise_pool: int = 1,
 ) -> StepOutput:
     """Flow-GRPO's SDE step for rectified flow (Liu et al. 2025, "Flow-GRPO", eq. 9).
 
@@ -132,8 +145,20 @@ def flow_sde_step(
     the denominator), ``mu = x + (v + std^2 / (2 s) * (x + (1 - s) v)) dt``,
     ``x' = mu + std * sqrt(-dt) * z``.  With ``a = 0`` this is the Euler step.
 
+    ``noise_pool = f > 1`` confines the noise to the subspace of functions constant on ``f x f``
+    blocks of the latent (projector ``P``: block mean, repeated): ``x' = mu + std sqrt(-dt) U z``
+    with ``U`` the orthonormal block basis and ``z`` of the pooled size, and the score correction
+    acts in that subspace only, ``mu = x + (v + std^2 / (2 s) P(x + (1 - s) v)) dt``.  An SDE whose
+    diffusion matrix ``D`` is any PSD matrix keeps the ODE's marginals when its drift adds
+    ``D / 2`` times the score (Song et al. 2021, "Score-Based Generative Modeling through SDEs",
+    eq. 6 with a matrix-valued ``G``); here ``D = std^2 P``, Euler-discretised like the original.
+    The log-prob is the Gaussian density of ``U^T (x' - mu)`` (averaged over its ``k`` dims): the
+    policy explores only low-frequency directions, so a REINFORCE estimate carries ``f^2`` fewer
+    noise dimensions that do not change the layout.  ``f = 1`` is Flow-GRPO's step exactly.
+
     Args:
         noise_level (`float`, *optional*, defaults to 0.7): ``a`` in the paper (reference default).
+        noise_pool (`int`, *optional*, defaults to 1): block size ``f`` of the exploration noise.
     """
     dtype = x.dtype
     xf, v = x.float(), pred.float()
@@ -141,13 +166,29 @@ def flow_sde_step(
     dt = s_next - s  # negative
     s_den = torch.where(s >= 1.0, schedule.sigma(1, xf), s)
     std = noise_level * torch.sqrt(s / (1 - s_den))
-    mean = xf + (v + std**2 / (2 * s) * (xf + (1 - s) * v)) * dt
     step_std = std * torch.sqrt(-dt)
     x0 = xf - s * v
+    if noise_pool == 1:
+        mean = xf + (v + std**2 / (2 * s) * (xf + (1 - s) * v)) * dt
+        if noise_level == 0:
+            return _finish(mean, mean, 0.0, x0, dtype, stochastic=False)
+        prev = _sample_or_score(mean, step_std, generator, prev_sample)
+        return _finish(prev, mean, step_std.reshape(()), x0, dtype, stochastic=True)
+    f = int(noise_pool)
+    if f < 1:
+        raise ValueError(f"noise_pool must be a positive integer, got {noise_pool}")
+    mean = xf + (v + std**2 / (2 * s) * _unpool(_pool(xf + (1 - s) * v, f), f)) * dt
     if noise_level == 0:
         return _finish(mean, mean, 0.0, x0, dtype, stochastic=False)
-    prev = _sample_or_score(mean, step_std, generator, prev_sample)
-    return _finish(prev, mean, step_std.reshape(()), x0, dtype, stochastic=True)
+    step_std = step_std.reshape(())
+    if prev_sample is None:
+        z = _randn_like(_pool(mean, f), generator)
+        prev = mean + step_std * _unpool(z, f) / f
+    else:
+        prev = prev_sample.float()
+    y = _pool(prev - mean, f) * f  # U^T (x' - mu)
+    log_prob = gaussian_log_prob(y, torch.zeros_like(y), step_std)
+    return StepOutput(prev_sample=prev.to(dtype), mean=mean, std=step_std, log_prob=log_prob, x0=x0)
 
 
 def flow_cps_step(
