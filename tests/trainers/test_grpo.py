@@ -257,14 +257,15 @@ def test_nft_precomputed_old_velocity_equals_the_detached_one(make_trainer):
 
 @pytest.mark.parametrize("weighting", ["nft", "positive"])
 def test_nft_training_raises_the_reward(make_trainer, weighting):
-    """The metric must move under the NFT objectives too: brightness of CFG samples rises
-    (measured: +0.005 for nft, +0.015 for positive after 6 iterations; base 0.4485)."""
+    """The metric must move under the NFT objectives too, in DiffusionNFT's CFG-free setting:
+    brightness rises (measured: +0.010 for nft, +0.005 for positive after 6 iterations; base 0.448)."""
     tr = make_trainer(objective="nft", nft_weighting=weighting, group_size=8, prompts_per_iteration=2, train_batch_size=16,
-                      learning_rate=1e-2, kl_beta=0.0, max_grad_norm=10.0, lora=False, nft_timesteps=3)
+                      learning_rate=1e-2, kl_beta=0.0, max_grad_norm=10.0, lora=False, nft_timesteps=3,
+                      train_without_cfg=True)
     gen = lambda: torch.Generator().manual_seed(123)  # noqa: E731
     def brightness():
         with torch.no_grad():
-            imgs = tr.sampler.decode(tr.sampler.rollout(["a red cube"] * 8, num_steps=3, guidance_scale=2.0,
+            imgs = tr.sampler.decode(tr.sampler.rollout(["a red cube"] * 8, num_steps=3, guidance_scale=1.0,
                                                         generator=gen(), height=32, width=32).final)
         return float(imgs.mean())
     base = brightness()

@@ -280,11 +280,9 @@ class GRPOTrainer:
     def _nft_velocity(self, sub: Trajectory, t: int, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         s = sub.schedule.sigma(t, x0)
         x_t = ((1 - s) * x0 + s * eps).to(sub.latents.dtype)
-        # the conditional velocity (no CFG), whatever guided the rollout: flow matching on the
-        # guided output would regress the CFG extrapolation onto single-sample targets.  A
-        # guidance-distilled model (FLUX.1-dev) keeps its guidance input.
-        scale = 1.0 if self.sampler.guidance == "cfg" else sub.guidance_scale
-        return self.sampler.denoise(x_t, t, sub.schedule, sub.cond, scale)
+        # the velocity that sampled: CFG-guided when the rollout was (then the guided field is fitted
+        # to its own reward-weighted samples); train_without_cfg gives DiffusionNFT's CFG-free setting
+        return self.sampler.denoise(x_t, t, sub.schedule, sub.cond, sub.guidance_scale)
 
     def _nft_loss(self, sub: Trajectory, k: int, t: int, adv: torch.Tensor, draws: dict, rows: torch.Tensor):
         """DiffusionNFT (Zheng et al. 2025, eq. 7): with ``r = 0.5 + 0.5 clip(A, -1, 1)``,
@@ -349,8 +347,8 @@ class GRPOTrainer:
                             break
                         scaled.backward()
                         total += float(scaled.detach())
-                        for k, v in st.items():
-                            acc_stats[k].append(v.cpu())
+                        for name, val in st.items():
+                            acc_stats[name].append(val.cpu())
                     if bad:
                         break
                 if not bad:
