@@ -11,6 +11,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.learning_rate=1e-4 run.iterations=10")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the run in RUN_DIR from its newest checkpoint (its run_dir is used)")
+    p.add_argument("--export", metavar="RUN_DIR", default=None,
+                   help="do not train: write the LoRA of a checkpoint of RUN_DIR to RUN_DIR/export/iter_N "
+                        "(the newest, or --iteration N); pass the run's CONFIG and overrides")
+    p.add_argument("--iteration", type=int, default=None, help="with --export: the checkpoint's iteration")
 
 
 def run(args) -> int:
@@ -20,14 +24,28 @@ def run(args) -> int:
     from .recipe import build_trainer, load_recipe
 
     overrides = list(args.overrides)
-    if args.resume:
-        overrides.append(f"run.run_dir={args.resume}")
+    if args.resume and args.export:
+        print("visalign train: error: --resume and --export exclude each other", file=sys.stderr)
+        return 2
+    if args.iteration is not None and not args.export:
+        print("visalign train: error: --iteration goes with --export RUN_DIR", file=sys.stderr)
+        return 2
+    if args.resume or args.export:
+        overrides.append(f"run.run_dir={args.resume or args.export}")
     try:
         recipe = load_recipe(args.config, overrides)
         trainer = build_trainer(recipe)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"visalign train: error: {err}", file=sys.stderr)
         return 2
+    if args.export:
+        try:
+            out = trainer.export(args.iteration)
+        except FileNotFoundError as err:
+            print(f"visalign train: error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {out} (iteration {trainer.iteration}); evaluate it with --lora {out}")
+        return 0
     if trainer.acc.is_main_process:
         print(f"visalign train: {recipe.model.name}, processes: {trainer.acc.num_processes}, run folder {recipe.run.run_dir}")
     if args.resume:

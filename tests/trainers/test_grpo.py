@@ -273,3 +273,37 @@ def test_nft_training_raises_the_reward(make_trainer, weighting):
         row = tr.step()
         assert row["optimizer_steps"] == 1
     assert brightness() > base + 0.003, (base, brightness())
+
+
+def test_export_writes_the_lora_of_a_kept_checkpoint(tiny_model_dir, tmp_path, capsys):
+    """`visalign train CONFIG --export RUN [--iteration N]`: the newest checkpoint's export equals
+    `final/` (EMA weights in both); an older one differs; a missing one is a clear error."""
+    from safetensors.torch import load_file
+
+    from visalign.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    cfg = tmp_path / "recipe.yaml"
+    run = tmp_path / "run"
+    cfg.write_text(
+        f"model: {{name: {tiny_model_dir('sd3')}, options: {{max_sequence_length: 8}}, height: 32, width: 32}}\n"
+        f"data: {{train: {prompts}, eval: null}}\n"
+        "rewards: {jpeg_incompressibility: 1.0}\n"
+        "lora: {rank: 4, alpha: 4}\n"
+        "grpo: {group_size: 2, prompts_per_iteration: 2, num_steps: 3, train_batch_size: 2, guidance_scale: 2.0,"
+        " learning_rate: 1.0e-2, ema_decay: 0.5}\n"
+        f"run: {{run_dir: {run}, iterations: 2, checkpoint_every: 1, keep_checkpoints: 2, progress: false}}\n"
+    )
+    assert main(["train", str(cfg)]) == 0
+    final = load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))
+    assert main(["train", str(cfg), "--export", str(run)]) == 0
+    newest = load_file(str(run / "export" / "iter_000002" / "pytorch_lora_weights.safetensors"))
+    assert final.keys() == newest.keys() and all(torch.equal(final[k], newest[k]) for k in final)
+    assert main(["train", str(cfg), "--export", str(run), "--iteration", "1"]) == 0
+    older = load_file(str(run / "export" / "iter_000001" / "pytorch_lora_weights.safetensors"))
+    assert any(not torch.equal(final[k], older[k]) for k in final)
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--export", str(run), "--iteration", "7"]) == 2
+    assert "kept: 1, 2" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--iteration", "1"]) == 2

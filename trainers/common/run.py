@@ -14,6 +14,9 @@ class RunSettings:
     seed: int = 0
     #: save a resumable checkpoint every N iterations (and at the end); 0 = only at the end
     checkpoint_every: int = 10
+    #: resumable checkpoints kept on disk (the newest N); `visalign train --export` writes the
+    #: LoRA of any kept one
+    keep_checkpoints: int = 2
     #: evaluate every N iterations (and at iteration 0 and at the end); 0 = only at 0 and the end
     eval_every: int = 10
     #: ODE steps and CFG for evaluation (None = the training guidance)
@@ -36,6 +39,8 @@ class RunSettings:
     def __post_init__(self) -> None:
         if self.iterations < 0:
             raise ValueError(f"run.iterations must be >= 0, got {self.iterations}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.mixed_precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"run.mixed_precision must be fp32, bf16 or fp16, got {self.mixed_precision!r}")
         if self.eval_samples_per_prompt < 1:

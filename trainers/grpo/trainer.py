@@ -483,7 +483,7 @@ class GRPOTrainer:
     def save_checkpoint(self) -> Path | None:
         if not self.acc.is_main_process:
             return None
-        return save_checkpoint(self.run_dir, self.iteration, self.state_dict())
+        return save_checkpoint(self.run_dir, self.iteration, self.state_dict(), keep=self.run.keep_checkpoints)
 
     def resume(self, run_dir: str | Path | None = None) -> bool:
         """Continue from the newest checkpoint in ``run_dir``; False if there is none."""
@@ -500,23 +500,42 @@ class GRPOTrainer:
             atomic_write_text(self.run_dir / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in evals))
         return True
 
-    def save_final(self) -> Path | None:
-        """LoRA (EMA weights when kept) to ``run_dir/final`` in diffusers' format."""
+    def export(self, iteration: int | None = None) -> Path:
+        """Write the LoRA (EMA weights when kept) of a kept checkpoint, the newest by default, to
+        ``run_dir/export/iter_NNNNNN`` in diffusers' format, like ``final/``; for evaluating an
+        intermediate or interrupted run (``visalign toy eval --lora DIR``)."""
+        from ..common.checkpoint import load_checkpoint
+
+        folder = self.run_dir / "checkpoints"
+        kept = sorted(folder.glob("iter_*.pt"))
+        if iteration is None:
+            path = kept[-1] if kept else None
+        else:
+            path = folder / f"iter_{int(iteration):06d}.pt"
+        if path is None or not path.is_file():
+            have = ", ".join(str(int(p.stem[5:])) for p in kept) or "none"
+            raise FileNotFoundError(f"no checkpoint {'' if iteration is None else f'for iteration {iteration} '}in "
+                                    f"{folder} (kept: {have}); run.keep_checkpoints sets how many are kept")
+        self.load_state_dict(load_checkpoint(path))
+        return self.save_final(self.run_dir / "export" / path.stem)
+
+    def save_final(self, out: str | Path | None = None) -> Path | None:
+        """LoRA (EMA weights when kept) to ``out`` (default ``run_dir/final``) in diffusers' format."""
         if not self.acc.is_main_process:
             return None
         from ..common.lora import save_lora
 
+        out = self.run_dir / "final" if out is None else Path(out)
         if not getattr(self.sampler.denoiser, "peft_config", None):
             from safetensors.torch import save_file
 
-            out = self.run_dir / "final"
             out.mkdir(parents=True, exist_ok=True)
             with self._ema_context():
                 save_file({k: v.contiguous().cpu() for k, v in self.sampler.denoiser.state_dict().items()},
                           str(out / "denoiser.safetensors"))
             return out
         with self._ema_context():
-            return save_lora(self.sampler, self.run_dir / "final")
+            return save_lora(self.sampler, out)
 
     def train(self, iterations: int | None = None) -> dict:
         """Run to ``iterations`` (default ``run.iterations``); evaluates, checkpoints, plots."""
