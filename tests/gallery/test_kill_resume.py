@@ -66,7 +66,8 @@ def test_killed_run_resumes_with_each_file_once(tmp_path, fmt, sig, workers):
     journal = out.with_name(f".{out.name}.partial.jsonl")
     argv = [sys.executable, str(script), "score", str(gallery), "--rewards", "slow", "--out", str(out),
             "--batch-size", "2", "--workers", str(workers), "--no-progress"]
-    env = {**os.environ, "SLOW_SECONDS": "0.4", "HF_HUB_OFFLINE": "1"}
+    # 1 s per batch of 2: after the first batch lands, 7 s remain for the signal even on a loaded machine
+    env = {**os.environ, "SLOW_SECONDS": "1.0", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     progress_file = out if fmt == "jsonl" else journal
     deadline = time.time() + 90
