@@ -16,8 +16,10 @@ def lora_vector(trainer):
     return torch.cat([p.detach().flatten().clone() for p in trainer.params])
 
 
-def test_on_policy_ratio_is_one_and_kl_zero_at_init(make_trainer):
-    tr = make_trainer(kl_beta=0.04, train_batch_size=8)  # one optimizer step: every ratio is on-policy
+@pytest.mark.parametrize("extra", [{}, {"noise_pool": 2, "shared_noise": True, "sde_mode": "window", "sde_window_size": 2}],
+                         ids=["default", "pooled-shared"])
+def test_on_policy_ratio_is_one_and_kl_zero_at_init(make_trainer, extra):
+    tr = make_trainer(kl_beta=0.04, train_batch_size=8, **extra)  # one optimizer step: every ratio is on-policy
     before = lora_vector(tr)
     row = tr.step()
     assert row["optimizer_steps"] == 1
