@@ -16,7 +16,10 @@ from visalign.gallery.writers import read_results
 # The real CLI in a subprocess, with a test reward "slow" (jpeg_compressibility that sleeps per batch)
 # so the kill lands part-way.
 SCRIPT = """
-import os, sys, time
+import os, signal, sys, time
+# Ctrl-C as in a terminal even when the test runs in a background job, whose children start with
+# SIGINT ignored (POSIX shells do that for `cmd &`): Python then installs no KeyboardInterrupt handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import visalign.rewards as R
 
 class Slow(R.Reward):
@@ -66,8 +69,7 @@ def test_killed_run_resumes_with_each_file_once(tmp_path, fmt, sig, workers):
     journal = out.with_name(f".{out.name}.partial.jsonl")
     argv = [sys.executable, str(script), "score", str(gallery), "--rewards", "slow", "--out", str(out),
             "--batch-size", "2", "--workers", str(workers), "--no-progress"]
-    # 1 s per batch of 2: after the first batch lands, 7 s remain for the signal even on a loaded machine
-    env = {**os.environ, "SLOW_SECONDS": "1.0", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "SLOW_SECONDS": "0.4", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     progress_file = out if fmt == "jsonl" else journal
     deadline = time.time() + 90
