@@ -215,6 +215,36 @@ def test_nft_rolls_out_with_the_ode_and_rejects_inconsistent_settings(make_train
         GRPOConfig(objective="nft", kernel="ddim")
 
 
+def test_nft_kl_anchor_is_zero_at_init_and_pulls_back_to_the_reference(make_trainer):
+    """kl_beta adds kl_beta |v - v_ref|^2: zero at the LoRA's identity start, positive once the
+    field moved, and its gradient there is 2 kl_beta (v - v_ref) dv/dtheta."""
+    tr = make_trainer(objective="nft", nft_timesteps=1, train_batch_size=8, kl_beta=0.5, learning_rate=3e-2)
+    assert tr.step()["kl"] == pytest.approx(0.0, abs=1e-12)
+    row = tr.step()
+    assert row["kl"] > 0
+    batch = tr.collect(5)
+    rows = torch.arange(len(batch["traj"]))
+    draws = tr._nft_targets(batch["traj"], batch["keep"], torch.Generator().manual_seed(0), single_step=True)
+    zero = torch.zeros(rows.numel())  # no advantage: r = 1/2, the NFT part is sum |v - u|^2 terms
+    grads = []
+    for beta in (0.0, 0.5):
+        tr.config.kl_beta = beta
+        tr.optimizer.zero_grad(set_to_none=True)
+        loss, st = tr._nft_loss(batch["traj"], 0, draws["steps"][0], zero, draws, rows)
+        loss.sum().backward()
+        grads.append(torch.cat([p.grad.flatten().clone() for p in tr.params]))
+    kl_grad = grads[1] - grads[0]
+    tr.optimizer.zero_grad(set_to_none=True)
+    t = draws["steps"][0]
+    v = tr._nft_velocity(batch["traj"], t, draws["x0"], draws["eps"][:, 0]).float()
+    with torch.no_grad(), tr.sampler.reference():
+        v_ref = tr._nft_velocity(batch["traj"], t, draws["x0"], draws["eps"][:, 0]).float()
+    (0.5 * ((v - v_ref) ** 2).flatten(1).mean(1)).sum().backward()
+    expected = torch.cat([p.grad.flatten() for p in tr.params])
+    assert torch.allclose(kl_grad, expected, atol=1e-7, rtol=1e-4)
+    assert float(kl_grad.norm()) > 0
+
+
 @pytest.mark.parametrize("weighting", ["nft", "positive"])
 def test_nft_gradient_is_advantage_weighted_flow_matching(make_trainer, weighting):
     """At v = v_old the DiffusionNFT loss has the gradient of

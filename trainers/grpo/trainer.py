@@ -287,11 +287,21 @@ class GRPOTrainer:
     def _nft_loss(self, sub: Trajectory, k: int, t: int, adv: torch.Tensor, draws: dict, rows: torch.Tensor):
         """DiffusionNFT (Zheng et al. 2025, eq. 7): with ``r = 0.5 + 0.5 clip(A, -1, 1)``,
         ``v+ = (1 - b) v_old + b v``, ``v- = (1 + b) v_old - b v``, the loss is
-        ``r |v+ - (eps - x0)|^2 + (1 - r) |v- - (eps - x0)|^2`` (means over the latent)."""
+        ``r |v+ - (eps - x0)|^2 + (1 - r) |v- - (eps - x0)|^2`` (means over the latent).
+
+        With ``kl_beta > 0`` it adds ``kl_beta |v - v_ref|^2`` at the same ``x_s``, the reference
+        under ``sampler.reference()``: for the SDE policies of the two velocity fields the KL of
+        a step is proportional to this distance (Flow-GRPO's KL on the step mean), so it anchors
+        the fine-tuned field to the base where the objective alone would drift."""
         c = self.config
         x0, eps = draws["x0"][rows], draws["eps"][rows, k]
         with self.acc.autocast():
             v = self._nft_velocity(sub, t, x0, eps).float()
+        kl = None
+        if c.kl_beta > 0:
+            with torch.no_grad(), self.sampler.reference(), self.acc.autocast():
+                v_ref = self._nft_velocity(sub, t, x0, eps).float()
+            kl = ((v - v_ref) ** 2).flatten(1).mean(1)
         v_old = v.detach() if draws["v_old"] is None else draws["v_old"][rows, k]
         target = eps - x0
         shape = (-1, *([1] * (v.ndim - 1)))
@@ -303,9 +313,13 @@ class GRPOTrainer:
             pos = ((1 - b) * v_old + b * v - target) ** 2
             neg = ((1 + b) * v_old - b * v - target) ** 2
             loss = (r * pos + (1 - r) * neg).flatten(1).mean(1)
-        drift = ((v.detach() - v_old) ** 2).flatten(1).mean(1)
+        pg = loss.detach()
+        if kl is None:  # without the anchor, "kl" logs the drift from the sampling policy
+            kl = ((v.detach() - v_old) ** 2).flatten(1).mean(1)
+        else:
+            loss = loss + c.kl_beta * kl
         nan = torch.full_like(loss, float("nan"))
-        return loss, {"ratio": nan, "kl": drift, "pg": loss.detach(), "clipped": torch.zeros_like(loss)}
+        return loss, {"ratio": nan, "kl": kl.detach(), "pg": pg, "clipped": torch.zeros_like(loss)}
 
     def update(self, batch: dict, it: int) -> dict:
         c = self.config
