@@ -15,7 +15,6 @@ optimizer step per iteration), run interleaved in one process so machine load hi
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -24,12 +23,11 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from grpo_overhead import toy_setup  # noqa: E402  (bench/ is the script's folder)
 
-import visalign.samplers as vs  # noqa: E402
 from visalign.rewards import load as load_reward  # noqa: E402
-from visalign.trainers import GRPOConfig, GRPOTrainer, LoraSettings, RunSettings  # noqa: E402
+from visalign.trainers import GRPOConfig, GRPOTrainer, RunSettings  # noqa: E402
 from visalign.trainers.common.data import load_prompts  # noqa: E402
-from visalign.trainers.common.lora import add_lora  # noqa: E402
 
 BASE = dict(group_size=8, prompts_per_iteration=4, num_steps=10, guidance_scale=3.0, kernel="flow_sde", noise_level=0.7,
             clip_range=1e-3, kl_beta=0.004, learning_rate=3e-4, train_batch_size=32, ema_decay=0.0)
@@ -58,21 +56,7 @@ class _Bf16(object):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--model", default=None, help="a toy-shapes folder or name (default: random weights)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    path = args.model
-    if path is None:
-        from visalign.toy import model as tm
-
-        path = tempfile.mkdtemp()
-        tm.save(tm.build(0), path)
-    sampler = vs.load(path)
-    torch.manual_seed(0)
-    params = add_lora(sampler, LoraSettings(rank=16, alpha=32))
+    args, sampler, params = toy_setup(__doc__.splitlines()[0])
     reward = load_reward("shapes")
     prompts = load_prompts("toy:train")
     trainers = {}

@@ -58,11 +58,14 @@ def model_only(trainer: GRPOTrainer, batch: dict) -> dict[str, float]:
     return {"rollout": t1 - t0, "train": t2 - t1}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def toy_setup(description: str):
+    """Parse ``--iterations --threads --model``, load the toy-shapes sampler (random weights unless
+    ``--model``) and add the toy recipe's LoRA (r 16); returns ``(args, sampler, lora_params)``.
+    Shared with ``bench/grpo_cpu_levers.py``."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--model", default=None, help="a toy-shapes folder (default: random weights)")
+    ap.add_argument("--model", default=None, help="a toy-shapes folder or name (default: random weights)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = args.model
@@ -73,7 +76,11 @@ def main() -> None:
         tm.save(tm.build(0), path)
     sampler = vs.load(path)
     torch.manual_seed(0)
-    params = add_lora(sampler, LoraSettings(rank=16, alpha=32))
+    return args, sampler, add_lora(sampler, LoraSettings(rank=16, alpha=32))
+
+
+def main() -> None:
+    args, sampler, params = toy_setup(__doc__.splitlines()[0])
     cfg = GRPOConfig(group_size=8, prompts_per_iteration=4, num_steps=10, guidance_scale=3.0, kernel="flow_sde",
                      noise_level=0.7, sde_mode="random", sde_window_size=3, clip_range=1e-3, kl_beta=0.004,
                      learning_rate=1e-3, train_batch_size=16, ema_decay=0.0)

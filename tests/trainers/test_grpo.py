@@ -224,7 +224,7 @@ def test_nft_kl_anchor_is_zero_at_init_and_pulls_back_to_the_reference(make_trai
     assert row["kl"] > 0
     batch = tr.collect(5)
     rows = torch.arange(len(batch["traj"]))
-    draws = tr._nft_targets(batch["traj"], batch["keep"], torch.Generator().manual_seed(0), single_step=True)
+    draws = tr._nft_targets(batch["traj"], torch.nonzero(batch["keep"]).flatten(), torch.Generator().manual_seed(0), single_step=True)
     zero = torch.zeros(rows.numel())  # no advantage: r = 1/2, the NFT part is sum |v - u|^2 terms
     grads = []
     for beta in (0.0, 0.5):
@@ -255,7 +255,7 @@ def test_nft_gradient_is_advantage_weighted_flow_matching(make_trainer, weightin
     tr = make_trainer(objective="nft", nft_timesteps=1, nft_beta=beta, train_batch_size=8, nft_weighting=weighting)
     batch = tr.collect(0)
     rows = torch.arange(len(batch["traj"]))
-    draws = tr._nft_targets(batch["traj"], batch["keep"], torch.Generator().manual_seed(0), single_step=True)
+    draws = tr._nft_targets(batch["traj"], torch.nonzero(batch["keep"]).flatten(), torch.Generator().manual_seed(0), single_step=True)
     adv = torch.linspace(-1.5, 1.5, rows.numel())  # includes clipped values
     tr.optimizer.zero_grad(set_to_none=True)
     loss, _ = tr._nft_loss(batch["traj"], 0, draws["steps"][0], adv, draws, rows)
@@ -277,8 +277,8 @@ def test_nft_precomputed_old_velocity_equals_the_detached_one(make_trainer):
     equals the live prediction, so both paths give the same first loss."""
     tr = make_trainer(objective="nft", nft_timesteps=2, train_batch_size=4)
     batch = tr.collect(0)
-    multi = tr._nft_targets(batch["traj"], batch["keep"], torch.Generator().manual_seed(0), single_step=False)
-    single = tr._nft_targets(batch["traj"], batch["keep"], torch.Generator().manual_seed(0), single_step=True)
+    multi = tr._nft_targets(batch["traj"], torch.nonzero(batch["keep"]).flatten(), torch.Generator().manual_seed(0), single_step=False)
+    single = tr._nft_targets(batch["traj"], torch.nonzero(batch["keep"]).flatten(), torch.Generator().manual_seed(0), single_step=True)
     rows = torch.arange(4)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     sub = batch["traj"][rows]

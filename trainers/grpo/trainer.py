@@ -258,10 +258,11 @@ class GRPOTrainer:
                  "clipped": ((ratio - 1).abs() > c.clip_range).detach().float()}
         return loss, stats
 
-    def _nft_targets(self, traj: Trajectory, keep: torch.Tensor, gen: torch.Generator, single_step: bool) -> dict:
+    def _nft_targets(self, traj: Trajectory, trained: torch.Tensor, gen: torch.Generator, single_step: bool) -> dict:
         """DiffusionNFT's forward-process draws for this iteration: the noise levels (steps of the
         rollout schedule), fresh noise per sample and level, and, when the iteration takes more
-        than one optimizer step, the sampling policy's velocity ``v_old`` computed up front."""
+        than one optimizer step, the sampling policy's velocity ``v_old`` of the ``trained``
+        samples computed up front."""
         c = self.config
         steps = torch.randperm(c.num_steps, generator=gen)[: c.nft_timesteps].sort().values.tolist()
         x0 = traj.final.float()
@@ -270,8 +271,8 @@ class GRPOTrainer:
         if not single_step:
             v_old = torch.zeros_like(eps)
             with torch.no_grad(), self.acc.autocast():
-                for m0 in range(0, x0.shape[0], c.train_batch_size):
-                    rows = torch.arange(m0, min(m0 + c.train_batch_size, x0.shape[0]))
+                for m0 in range(0, trained.numel(), c.train_batch_size):
+                    rows = trained[m0 : m0 + c.train_batch_size]
                     sub = traj[rows.to(traj.latents.device)]
                     for k, t in enumerate(steps):
                         v_old[rows, k] = self._nft_velocity(sub, t, x0[rows], eps[rows, k]).float()
@@ -328,16 +329,15 @@ class GRPOTrainer:
         if nft and c.nft_weighting == "positive":
             keep = keep & (adv > 0)  # the rest have weight 0: skip their compute
         idx_all = torch.nonzero(keep).flatten()
+        per_step = c.train_batch_size * c.gradient_accumulation
         if nft:
-            per_step = c.train_batch_size * c.gradient_accumulation
             single = c.inner_epochs == 1 and idx_all.numel() <= per_step
-            draws = self._nft_targets(traj, keep, gen, single)
+            draws = self._nft_targets(traj, idx_all, gen, single)
             steps = draws["steps"]
         else:
             steps = self._trained_steps(traj, gen)
         acc_stats: dict[str, list[torch.Tensor]] = {"ratio": [], "kl": [], "pg": [], "clipped": []}
         losses, grad_norms, skipped, opt_steps = [], [], 0, 0
-        per_step = c.train_batch_size * c.gradient_accumulation
         t0 = time.perf_counter()
         for _epoch in range(c.inner_epochs):
             order = idx_all[torch.randperm(idx_all.numel(), generator=gen)]
@@ -518,16 +518,10 @@ class GRPOTrainer:
         """Write the LoRA (EMA weights when kept) of a kept checkpoint, the newest by default, to
         ``run_dir/export/iter_NNNNNN`` in diffusers' format, like ``final/``; for evaluating an
         intermediate or interrupted run (``visalign toy eval --lora DIR``)."""
-        from ..common.checkpoint import load_checkpoint
-
         folder = self.run_dir / "checkpoints"
-        kept = sorted(folder.glob("iter_*.pt"))
-        if iteration is None:
-            path = kept[-1] if kept else None
-        else:
-            path = folder / f"iter_{int(iteration):06d}.pt"
+        path = latest_checkpoint(self.run_dir) if iteration is None else folder / f"iter_{int(iteration):06d}.pt"
         if path is None or not path.is_file():
-            have = ", ".join(str(int(p.stem[5:])) for p in kept) or "none"
+            have = ", ".join(str(int(p.stem[5:])) for p in sorted(folder.glob("iter_*.pt"))) or "none"
             raise FileNotFoundError(f"no checkpoint {'' if iteration is None else f'for iteration {iteration} '}in "
                                     f"{folder} (kept: {have}); run.keep_checkpoints sets how many are kept")
         self.load_state_dict(load_checkpoint(path))

@@ -168,18 +168,18 @@ def flow_sde_step(
     std = noise_level * torch.sqrt(s / (1 - s_den))
     step_std = std * torch.sqrt(-dt)
     x0 = xf - s * v
-    if noise_pool == 1:
-        mean = xf + (v + std**2 / (2 * s) * (xf + (1 - s) * v)) * dt
-        if noise_level == 0:
-            return _finish(mean, mean, 0.0, x0, dtype, stochastic=False)
-        prev = _sample_or_score(mean, step_std, generator, prev_sample)
-        return _finish(prev, mean, step_std.reshape(()), x0, dtype, stochastic=True)
     f = int(noise_pool)
     if f < 1:
         raise ValueError(f"noise_pool must be a positive integer, got {noise_pool}")
-    mean = xf + (v + std**2 / (2 * s) * _unpool(_pool(xf + (1 - s) * v, f), f)) * dt
+    score_term = xf + (1 - s) * v  # = -s * score (E[eps | x] = x + (1 - s) v); projected when pooled
+    if f > 1:
+        score_term = _unpool(_pool(score_term, f), f)
+    mean = xf + (v + std**2 / (2 * s) * score_term) * dt
     if noise_level == 0:
         return _finish(mean, mean, 0.0, x0, dtype, stochastic=False)
+    if f == 1:
+        prev = _sample_or_score(mean, step_std, generator, prev_sample)
+        return _finish(prev, mean, step_std.reshape(()), x0, dtype, stochastic=True)
     step_std = step_std.reshape(())
     if prev_sample is None:
         z = _randn_like(_pool(mean, f), generator)
