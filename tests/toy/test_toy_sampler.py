@@ -62,6 +62,35 @@ def test_toy_eval_cli_writes_json(toy_dir, tmp_path, capsys):
     assert "overall" in capsys.readouterr().out
 
 
+def test_pass_at_k_matches_counting_the_subsets():
+    """The unbiased estimator equals the share of k-subsets of the n samples holding a pass."""
+    from itertools import combinations
+
+    from visalign.toy.evaluate import pass_at_k
+
+    for n, c in [(4, 0), (4, 1), (6, 2), (8, 5), (5, 5)]:
+        samples = [1] * c + [0] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(combinations(samples, k))
+            assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets), abs=1e-12)
+    with pytest.raises(ValueError, match="pass@5"):
+        pass_at_k(4, 1, 5)
+
+
+def test_toy_eval_pass_at_k_on_the_shipped_model(capsys):
+    """pass@1 is the strict accuracy itself; pass@k only grows with k; k beyond the samples is refused."""
+    from visalign.toy.evaluate import evaluate_model
+
+    result = evaluate_model("toy-shapes", samples_per_prompt=4, num_steps=6, max_prompts=30, pass_at=(1, 2, 4),
+                            progress=False)
+    p = result["pass_at_k"]
+    assert p["1"]["overall"] == pytest.approx(result["overall_strict"], abs=1e-6)  # float32 means
+    assert p["1"]["per_category"] == pytest.approx(result["per_category"], abs=1e-6)
+    assert p["1"]["overall"] <= p["2"]["overall"] <= p["4"]["overall"] and p["4"]["overall"] > p["1"]["overall"]
+    assert main(["toy", "eval", "--samples-per-prompt", "2", "--pass-at", "4", "--max-prompts", "2"]) == 2
+    assert "--samples-per-prompt" in capsys.readouterr().err
+
+
 def test_lora_round_trip_reproduces_trained_outputs(toy_dir, tmp_path):
     from visalign.trainers.common.lora import LoraSettings, add_lora, load_lora, save_lora
 

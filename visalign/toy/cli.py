@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--max-prompts", type=int, default=None)
     ev.add_argument("--bf16", action="store_true")
+    ev.add_argument("--pass-at", type=int, nargs="+", default=(), metavar="K",
+                    help="also report pass@K (best of K samples; K <= --samples-per-prompt), e.g. --pass-at 4 16")
     ev.add_argument("--json", default=None, help="write the summary here")
     tp = sub.add_parser("train-proxy", help="train the shapes-proxy reward (learned, differentiable verifier proxy)")
     tp.add_argument("--out", required=True,
@@ -65,8 +67,8 @@ def run(args) -> int:
     try:
         result = evaluate_model(args.model, lora=args.lora, samples_per_prompt=args.samples_per_prompt,
                                 num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                                max_prompts=args.max_prompts, bf16=args.bf16)
-    except (ModelNotFoundError, FileNotFoundError) as err:
+                                max_prompts=args.max_prompts, bf16=args.bf16, pass_at=tuple(args.pass_at))
+    except (ModelNotFoundError, FileNotFoundError, ValueError) as err:
         print(f"visalign toy eval: error: {err}", file=sys.stderr)
         return 2
     print(format_report(result))

@@ -3,6 +3,13 @@
 Every eval prompt gets ``samples_per_prompt`` ODE samples (seed ``seed + j * n + k`` for sample
 ``k`` of prompt ``j``, so a LoRA and its base see the same noise), scored by the gold verifier.
 The overall score is GenEval's: the unweighted mean of the per-category strict accuracies.
+
+``pass_at`` adds pass@k for each k: the chance that at least one of k samples of a prompt passes,
+with the unbiased estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained on
+Code", eq. 1) from the ``samples_per_prompt`` samples, averaged over a category's prompts and then
+over categories like the overall score.  Set against pass@1 it says how much of a model's failure
+is unreliability (right scenes that best-of-k finds, which alignment can make the rule) and how
+much is missing capability.
 """
 
 from __future__ import annotations
@@ -12,12 +19,25 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["evaluate_model", "format_report"]
+__all__ = ["evaluate_model", "format_report", "pass_at_k"]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``c`` passes among ``n`` samples (Chen et al. 2021, eq. 1):
+    ``1 - C(n - c, k) / C(n, k)``."""
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= samples per prompt ({n})")
+    if n - c < k:
+        return 1.0
+    from math import comb
+
+    return 1.0 - comb(n - c, k) / comb(n, k)
 
 
 def evaluate_model(model: str = "toy-shapes", *, lora: str | None = None, samples_per_prompt: int = 4,
                    num_steps: int = 10, guidance_scale: float | None = None, seed: int = 0, batch_size: int = 200,
-                   max_prompts: int | None = None, bf16: bool = False, progress: bool = True) -> dict:
+                   max_prompts: int | None = None, bf16: bool = False, progress: bool = True,
+                   pass_at: tuple[int, ...] = ()) -> dict:
     import contextlib
 
     import visalign.rewards as vr
@@ -26,6 +46,10 @@ def evaluate_model(model: str = "toy-shapes", *, lora: str | None = None, sample
 
     from .prompts import TAGS, overall, split
 
+    for k in pass_at:
+        if not 1 <= k <= samples_per_prompt:
+            raise ValueError(f"--pass-at {k}: k must be between 1 and --samples-per-prompt ({samples_per_prompt}); "
+                             f"raise --samples-per-prompt to at least {k}")
     sampler = vs.load(model)
     if lora:
         from visalign.trainers.common.lora import load_lora
@@ -35,13 +59,28 @@ def evaluate_model(model: str = "toy-shapes", *, lora: str | None = None, sample
     guidance = sampler.default_guidance if guidance_scale is None else guidance_scale
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     t0 = time.perf_counter()
-    metrics, _ = evaluate(sampler, records, {"shapes": vr.load("shapes")}, num_steps=num_steps,
+    shapes, strict = vr.load("shapes"), []
+
+    def scored(images, prompts, metadata=None):  # the shapes reward, keeping every sample's pass
+        out = shapes(images, prompts, metadata=metadata)
+        strict.append(out.components["strict"].float().cpu())
+        return out
+
+    metrics, _ = evaluate(sampler, records, {"shapes": scored}, num_steps=num_steps,
                           guidance_scale=guidance, samples_per_prompt=samples_per_prompt, seed=seed,
                           batch_size=batch_size, autocast=autocast, progress=progress)
     import math
 
     per_category = {t: metrics[f"eval/shapes/strict/{t}"] for t in TAGS
                     if math.isfinite(metrics.get(f"eval/shapes/strict/{t}", float("nan")))}  # categories sampled
+    passes = torch.cat(strict).view(len(records), samples_per_prompt).sum(1).round().long().tolist()
+    pass_k = {}
+    for k in pass_at:
+        by_tag: dict[str, list[float]] = {}
+        for rec, c in zip(records, passes):
+            by_tag.setdefault(rec["metadata"]["tag"], []).append(pass_at_k(samples_per_prompt, c, k))
+        cats = {t: sum(by_tag[t]) / len(by_tag[t]) for t in TAGS if t in by_tag}
+        pass_k[str(k)] = {"overall": overall(cats), "per_category": cats}
     return {
         "model": model,
         "lora": lora,
@@ -54,6 +93,7 @@ def evaluate_model(model: str = "toy-shapes", *, lora: str | None = None, sample
         "num_steps": num_steps,
         "guidance_scale": guidance,
         "seed": seed,
+        "pass_at_k": pass_k,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -66,4 +106,7 @@ def format_report(result: dict) -> str:
     lines += [f"| {k} | {v:.3f} |" for k, v in result["per_category"].items()]
     lines += [f"| **overall (GenEval mean of categories)** | **{result['overall_strict']:.3f}** |",
               f"partial credit: {result['partial']:.3f}"]
+    for k, v in result.get("pass_at_k", {}).items():
+        cats = ", ".join(f"{t} {a:.3f}" for t, a in v["per_category"].items())
+        lines.append(f"pass@{k}: overall {v['overall']:.3f} ({cats})")
     return "\n".join(lines)
