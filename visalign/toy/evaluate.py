@@ -73,7 +73,7 @@ def evaluate_model(model: str = "toy-shapes", *, lora: str | None = None, sample
 
     per_category = {t: metrics[f"eval/shapes/strict/{t}"] for t in TAGS
                     if math.isfinite(metrics.get(f"eval/shapes/strict/{t}", float("nan")))}  # categories sampled
-    passes = torch.cat(strict).view(len(records), samples_per_prompt).sum(1).round().long().tolist()
+    passes = torch.cat(strict).nan_to_num(0.0).view(len(records), samples_per_prompt).sum(1).round().long().tolist()  # invalid = fail
     pass_k = {}
     for k in pass_at:
         by_tag: dict[str, list[float]] = {}
