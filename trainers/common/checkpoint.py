@@ -10,22 +10,31 @@ import torch
 
 from visalign.io import atomic_write
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_path", "list_checkpoints"]
+
+
+def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
+    """``run_dir/checkpoints/iter_{iteration:06d}.pt`` (whether or not it exists)."""
+    return Path(run_dir) / "checkpoints" / f"iter_{int(iteration):06d}.pt"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The checkpoints on disk, oldest first."""
+    return sorted((Path(run_dir) / "checkpoints").glob("iter_*.pt"))
 
 
 def save_checkpoint(run_dir: str | Path, iteration: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``checkpoints/iter_{iteration:06d}.pt``; keep the newest ``keep`` files."""
-    folder = Path(run_dir) / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"iter_{iteration:06d}.pt"
+    path = checkpoint_path(run_dir, iteration)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: torch.save(state, p))
-    for old in sorted(folder.glob("iter_*.pt"))[:-keep]:
+    for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink()
     return path
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    files = sorted((Path(run_dir) / "checkpoints").glob("iter_*.pt"))
+    files = list_checkpoints(run_dir)
     return files[-1] if files else None
 
 

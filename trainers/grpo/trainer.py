@@ -30,7 +30,7 @@ import torch
 from visalign.io import atomic_write_json, read_jsonl
 from visalign.samplers import Conditioning, RandomWindow, Trajectory
 
-from ..common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..common.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from ..common.data import PromptSampler
 from ..common.ema import EMA
 from ..common.evaluate import evaluate, save_grid
@@ -518,12 +518,12 @@ class GRPOTrainer:
         """Write the LoRA (EMA weights when kept) of a kept checkpoint, the newest by default, to
         ``run_dir/export/iter_NNNNNN`` in diffusers' format, like ``final/``; for evaluating an
         intermediate or interrupted run (``visalign toy eval --lora DIR``)."""
-        folder = self.run_dir / "checkpoints"
-        path = latest_checkpoint(self.run_dir) if iteration is None else folder / f"iter_{int(iteration):06d}.pt"
+        path = latest_checkpoint(self.run_dir) if iteration is None else checkpoint_path(self.run_dir, iteration)
         if path is None or not path.is_file():
-            have = ", ".join(str(int(p.stem[5:])) for p in sorted(folder.glob("iter_*.pt"))) or "none"
+            have = ", ".join(str(int(p.stem[5:])) for p in list_checkpoints(self.run_dir)) or "none"
             raise FileNotFoundError(f"no checkpoint {'' if iteration is None else f'for iteration {iteration} '}in "
-                                    f"{folder} (kept: {have}); run.keep_checkpoints sets how many are kept")
+                                    f"{self.run_dir / 'checkpoints'} (kept: {have}); run.keep_checkpoints sets how "
+                                    "many are kept")
         self.load_state_dict(load_checkpoint(path))
         return self.save_final(self.run_dir / "export" / path.stem)
 
