@@ -64,3 +64,37 @@ def test_pretrain_resume_equals_straight_run(tmp_path):
     logs = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if r["event"] == "train"] == [1, 2]
     assert M.load(tmp_path / "a" / "final").unet.config.block_out_channels == list(M.UNET_CONFIG["block_out_channels"])
+
+
+def test_caption_noise_pairs_captions_with_near_misses():
+    """With ``caption_noise`` q, about a fraction q of the pretraining images fail their own caption
+    (the renderer's scenes pass it 100%); q = 0 draws exactly the noiseless batch."""
+    from visalign.toy.pretrain import _batch
+    from visalign.toy.prompts import by_tag, split
+    from visalign.toy.verify import verify
+
+    train = by_tag(split("train"))
+    clean, prompts = _batch(3, 256, 0, train, p_uncond=0.0)
+    again, prompts0 = _batch(3, 256, 0, train, p_uncond=0.0, caption_noise=0.0)
+    assert torch.equal(clean, again) and prompts == prompts0
+    noisy, prompts_n = _batch(3, 256, 0, train, p_uncond=0.0, caption_noise=0.5)
+    assert prompts_n == prompts  # the captions are the same, the scenes are not
+    pass_clean = sum(v.strict for v in verify((clean + 1) / 2, prompts=prompts)) / 256
+    pass_noisy = sum(v.strict for v in verify((noisy + 1) / 2, prompts=prompts)) / 256
+    assert pass_clean == 1.0 and 0.35 < pass_noisy < 0.65
+
+
+def test_pretrain_from_init_starts_at_those_weights(tmp_path):
+    from visalign.toy.pretrain import pretrain
+
+    start = M.build(seed=5)
+    M.save(start, tmp_path / "start")
+    with pytest.raises(ValueError, match="caption_noise"):
+        pretrain(tmp_path / "bad", steps=1, caption_noise=1.0, init=tmp_path / "start")
+    pretrain(tmp_path / "run", steps=1, batch=2, ckpt_every=1, eval_every=0, threads=None, warmup=1,
+             init=tmp_path / "start", caption_noise=0.3, lr=0.0)
+    st = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    for name, t in start.unet.state_dict().items():  # lr 0: still the init weights, not seed 0's
+        assert torch.equal(st["unet"][name], t), name
+    logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert logs[0]["caption_noise"] == 0.3 and logs[0]["init"] == str(tmp_path / "start")

@@ -32,19 +32,22 @@ import numpy as np
 import torch
 
 from . import model as M
-from .prompts import TAGS, by_tag, overall, split
+from .prompts import TAGS, by_tag, mutate, overall, split
 from .render import render_batch
 from .verify import verify
 
 __all__ = ["pretrain", "evaluate", "main"]
 
 
-def _batch(step: int, batch: int, seed: int, train_by_tag: dict, p_uncond: float):
+def _batch(step: int, batch: int, seed: int, train_by_tag: dict, p_uncond: float, caption_noise: float = 0.0):
     rng = np.random.default_rng([seed, step, 1])
     tags = list(train_by_tag)
     metas = [train_by_tag[tags[i]][int(rng.integers(len(train_by_tag[tags[i]])))]
              for i in rng.integers(len(tags), size=batch)]
-    x0 = torch.from_numpy(render_batch(metas, rng)) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+    scenes = metas
+    if caption_noise > 0:  # the draw is skipped at 0, so noiseless runs keep their exact batches
+        scenes = [mutate(m, rng) if rng.random() < caption_noise else m for m in metas]
+    x0 = torch.from_numpy(render_batch(scenes, rng)) * 2 - 1  # (B, 3, H, W) in [-1, 1]
     prompts = ["" if rng.random() < p_uncond else m["prompt"] for m in metas]
     return x0, prompts
 
@@ -115,6 +118,8 @@ def pretrain(
     eval_per_category: int = 16,
     threads: int | None = 1,
     bf16: bool = False,
+    caption_noise: float = 0.0,
+    init: str | os.PathLike | None = None,
 ) -> Path:
     """Pretrain (or resume) the toy-shapes model in ``out_dir``; returns ``out_dir / "final"``.
 
@@ -129,12 +134,21 @@ def pretrain(
         threads (`int`, *optional*): ``torch.set_num_threads``; 1 keeps a shared machine usable.
         bf16 (`bool`): bf16 autocast on CPU.  Off by default: measured slower than float32 for
             this model on the development CPU (docs/toy_world.md).
+        caption_noise (`float`): probability that an image shows a near miss of its caption
+            (:func:`.prompts.mutate`: another colour, shape, count or relation, swapped colours, a
+            dropped object) while the caption stays the same, like web alt-text that does not
+            quite describe its image.  The model then learns a prompt-following error rate that
+            alignment can remove, next to the drawing errors of a small model.
+        init (`str`, *optional*): start from this saved toy-shapes model instead of random
+            weights (ignored when ``out_dir`` holds a checkpoint to resume).
     """
+    if not 0.0 <= caption_noise < 1.0:
+        raise ValueError(f"caption_noise={caption_noise}: expected a probability in [0, 1)")
     if threads:
         torch.set_num_threads(threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = M.build(seed)
+    model = M.load(init) if init else M.build(seed)
     ema = M.ToyShapes(copy.deepcopy(model.unet), copy.deepcopy(model.text_encoder), model.tokenizer, model.scheduler)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -158,12 +172,13 @@ def pretrain(
         log.flush()
 
     emit({"event": "start", "step": step, "steps": steps, "batch": batch, "seed": seed, "lr": lr,
-          "params": sum(p.numel() for p in params), "threads": torch.get_num_threads(), "bf16": bf16})
+          "params": sum(p.numel() for p in params), "threads": torch.get_num_threads(), "bf16": bf16,
+          "caption_noise": caption_noise, "init": str(init) if init else None})
     losses, t0, n0 = [], time.time(), step
     model.unet.train()
     model.text_encoder.train()
     while step < steps:
-        x0, prompts = _batch(step, batch, seed, train_by_tag, p_uncond)
+        x0, prompts = _batch(step, batch, seed, train_by_tag, p_uncond, caption_noise)
         x0 = M.to_latent(x0)  # (B, 12, 16, 16): the UNet's space-to-depth view of the pixels
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         eps = torch.randn(x0.shape, generator=g)  # (B, 3, H, W)
@@ -217,9 +232,13 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-per-category", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--caption-noise", type=float, default=0.0,
+                    help="probability that an image shows a near miss of its caption (default 0)")
+    ap.add_argument("--init", default=None, help="start from this saved toy-shapes model (default: random weights)")
     a = ap.parse_args(argv)
     pretrain(a.out, steps=a.steps, batch=a.batch, seed=a.seed, lr=a.lr, eval_every=a.eval_every,
-             ckpt_every=a.ckpt_every, eval_per_category=a.eval_per_category, threads=a.threads, bf16=a.bf16)
+             ckpt_every=a.ckpt_every, eval_per_category=a.eval_per_category, threads=a.threads, bf16=a.bf16,
+             caption_noise=a.caption_noise, init=a.init)
 
 
 if __name__ == "__main__":

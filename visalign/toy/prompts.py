@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "COLORS",
@@ -45,6 +48,7 @@ __all__ = [
     "parse_prompt",
     "vocabulary",
     "overall",
+    "mutate",
 ]
 
 # Six hues 60 degrees apart (red, yellow, green, cyan, blue, magenta-purple), darkened so that each
@@ -263,3 +267,47 @@ def by_tag(metas: Iterable[Mapping]) -> dict[str, list[Mapping]]:
 
 def prompts_of(metas: Sequence[Mapping]) -> list[str]:
     return [m["prompt"] for m in metas]
+
+
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def mutate(meta: Mapping, rng: "np.random.Generator") -> dict:
+    """A scene description close to ``meta`` that should fail it: one clause gets another colour,
+    shape or count, two colours swap, the relation changes (to its opposite half the time), or one
+    object is dropped.  Returns metadata for :func:`.render.render` (``include`` only); whether the
+    rendered image really fails is left to the verifier, which labels it."""
+    inc = [dict(c) for c in meta["include"]]
+    positioned = any("position" in c for c in inc)
+    total = sum(int(c["count"]) for c in inc)
+    ops = ["shape"]
+    if any("color" in c for c in inc):
+        ops.append("color")
+    if sum("color" in c for c in inc) == 2 and inc[0]["color"] != inc[1]["color"]:
+        ops.append("swap_color")
+    if not positioned:
+        ops.append("count")
+    if positioned:
+        ops += ["relation", "relation"]
+    if len(inc) == 2:
+        ops.append("drop")
+    op = ops[int(rng.integers(len(ops)))]
+    i = int(rng.integers(len(inc)))
+    if op == "shape":
+        inc[i]["class"] = str(rng.choice([s for s in SHAPES if s != inc[i]["class"]]))
+    elif op == "color":
+        i = int(rng.choice([k for k, c in enumerate(inc) if "color" in c]))
+        inc[i]["color"] = str(rng.choice([c for c in COLORS if c != inc[i]["color"]]))
+    elif op == "swap_color":
+        inc[0]["color"], inc[1]["color"] = inc[1]["color"], inc[0]["color"]
+    elif op == "count":
+        choices = [n for n in NUMBERS.values() if n != inc[i]["count"] and total - inc[i]["count"] + n <= 4]
+        inc[i]["count"] = int(rng.choice(choices))
+    elif op == "relation":
+        k = next(k for k, c in enumerate(inc) if "position" in c)
+        rel = inc[k]["position"][0]
+        new = _OPPOSITE[rel] if rng.random() < 0.5 else str(rng.choice([r for r in RELATIONS if r != rel]))
+        inc[k]["position"] = [new, inc[k]["position"][1]]
+    else:  # drop one object; a position clause loses its reference
+        inc = [{k: v for k, v in inc[1 - i].items() if k != "position"}]
+    return {"tag": "mutated", "include": inc, "prompt": meta["prompt"]}

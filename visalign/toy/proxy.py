@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .prompts import COLORS, NUMBERS, RELATIONS, SHAPES, TAGS, by_tag, split, vocabulary
+from .prompts import COLORS, SHAPES, TAGS, by_tag, mutate, split, vocabulary
 from .render import render
 from .verify import Detected, check, to_work
 from .verify import _objects, _segment  # the verifier's own segmentation, for dense targets
@@ -248,50 +248,6 @@ def load(path: str | os.PathLike) -> ShapesProxy:
 # ----------------------------------------------------------------------------------------------
 # Data: hard negatives from the grammar, the base-model pool, ROC AUC
 # ----------------------------------------------------------------------------------------------
-
-_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
-
-def mutate(meta: Mapping, rng: np.random.Generator) -> dict:
-    """A scene description close to ``meta`` that should fail it: one clause gets another colour,
-    shape or count, two colours swap, the relation changes (to its opposite half the time), or one
-    object is dropped.  Returns metadata for :func:`.render.render` (``include`` only); whether the
-    rendered image really fails is left to the verifier, which labels it."""
-    inc = [dict(c) for c in meta["include"]]
-    positioned = any("position" in c for c in inc)
-    total = sum(int(c["count"]) for c in inc)
-    ops = ["shape"]
-    if any("color" in c for c in inc):
-        ops.append("color")
-    if sum("color" in c for c in inc) == 2 and inc[0]["color"] != inc[1]["color"]:
-        ops.append("swap_color")
-    if not positioned:
-        ops.append("count")
-    if positioned:
-        ops += ["relation", "relation"]
-    if len(inc) == 2:
-        ops.append("drop")
-    op = ops[int(rng.integers(len(ops)))]
-    i = int(rng.integers(len(inc)))
-    if op == "shape":
-        inc[i]["class"] = str(rng.choice([s for s in SHAPES if s != inc[i]["class"]]))
-    elif op == "color":
-        i = int(rng.choice([k for k, c in enumerate(inc) if "color" in c]))
-        inc[i]["color"] = str(rng.choice([c for c in COLORS if c != inc[i]["color"]]))
-    elif op == "swap_color":
-        inc[0]["color"], inc[1]["color"] = inc[1]["color"], inc[0]["color"]
-    elif op == "count":
-        choices = [n for n in NUMBERS.values() if n != inc[i]["count"] and total - inc[i]["count"] + n <= 4]
-        inc[i]["count"] = int(rng.choice(choices))
-    elif op == "relation":
-        k = next(k for k, c in enumerate(inc) if "position" in c)
-        rel = inc[k]["position"][0]
-        new = _OPPOSITE[rel] if rng.random() < 0.5 else str(rng.choice([r for r in RELATIONS if r != rel]))
-        inc[k]["position"] = [new, inc[k]["position"][1]]
-    else:  # drop one object; a position clause loses its reference
-        inc = [{k: v for k, v in inc[1 - i].items() if k != "position"}]
-    return {"tag": "mutated", "include": inc, "prompt": meta["prompt"]}
-
 
 def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float:
     """ROC AUC as the Mann-Whitney U statistic: P(score of a positive > score of a negative), ties
