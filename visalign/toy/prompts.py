@@ -272,7 +272,7 @@ def prompts_of(metas: Sequence[Mapping]) -> list[str]:
 _OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
-def mutate(meta: Mapping, rng: "np.random.Generator") -> dict:
+def mutate(meta: Mapping, rng: np.random.Generator) -> dict:
     """A scene description close to ``meta`` that should fail it: one clause gets another colour,
     shape or count, two colours swap, the relation changes (to its opposite half the time), or one
     object is dropped.  Returns metadata for :func:`.render.render` (``include`` only); whether the
