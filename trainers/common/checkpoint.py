@@ -10,12 +10,18 @@ import torch
 
 from visalign.io import atomic_write
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_path", "list_checkpoints"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_path", "checkpoint_iteration",
+           "list_checkpoints"]
 
 
 def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
     """``run_dir/checkpoints/iter_{iteration:06d}.pt`` (whether or not it exists)."""
     return Path(run_dir) / "checkpoints" / f"iter_{int(iteration):06d}.pt"
+
+
+def checkpoint_iteration(path: str | Path) -> int:
+    """The iteration a :func:`checkpoint_path` name stands for."""
+    return int(Path(path).stem.removeprefix("iter_"))
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -30,7 +30,14 @@ import torch
 from visalign.io import atomic_write_json, read_jsonl
 from visalign.samplers import Conditioning, RandomWindow, Trajectory
 
-from ..common.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from ..common.checkpoint import (
+    checkpoint_iteration,
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ..common.data import PromptSampler
 from ..common.ema import EMA
 from ..common.evaluate import evaluate, save_grid
@@ -520,7 +527,7 @@ class GRPOTrainer:
         intermediate or interrupted run (``visalign toy eval --lora DIR``)."""
         path = latest_checkpoint(self.run_dir) if iteration is None else checkpoint_path(self.run_dir, iteration)
         if path is None or not path.is_file():
-            have = ", ".join(str(int(p.stem[5:])) for p in list_checkpoints(self.run_dir)) or "none"
+            have = ", ".join(str(checkpoint_iteration(p)) for p in list_checkpoints(self.run_dir)) or "none"
             raise FileNotFoundError(f"no checkpoint {'' if iteration is None else f'for iteration {iteration} '}in "
                                     f"{self.run_dir / 'checkpoints'} (kept: {have}); run.keep_checkpoints sets how "
                                     "many are kept")
