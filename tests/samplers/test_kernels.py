@@ -59,7 +59,8 @@ def test_flow_sde_a0_is_euler(xv):
     assert out.log_prob is None
 
 
-def test_flow_cps_matches_reference(xv):
+@pytest.mark.parametrize("log_prob_type", ["mse", "gaussian"])
+def test_flow_cps_matches_reference(xv, log_prob_type):
     x, v = xv
     sched = flow_schedule([1.0, 0.7, 0.3, 0.0])
     a, i = 0.8, 1
@@ -68,15 +69,57 @@ def test_flow_cps_matches_reference(xv):
     xd, vd = x.double(), v.double()
     x0, x1 = xd - s * vd, xd + (1 - s) * vd
     mu = (1 - s_next) * x0 + math.sqrt(s_next**2 - s_noise**2) * x1
-    out = flow_cps_step(v, x, sched, i, generator=torch.Generator().manual_seed(2), noise_level=a)
+    out = flow_cps_step(v, x, sched, i, generator=torch.Generator().manual_seed(2), noise_level=a,
+                        log_prob_type=log_prob_type)
     assert torch.allclose(out.mean.double(), mu, atol=1e-5)
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).double()
     assert torch.allclose(out.prev_sample.double(), mu + s_noise * z, atol=1e-5)
-    assert torch.allclose(out.log_prob.double(), gauss_logprob_mean(out.prev_sample, mu, s_noise), atol=1e-4)
-    # last step (s' = 0) is deterministic: the clean x0-estimate
-    last = flow_cps_step(v, x, sched, 2, generator=torch.Generator().manual_seed(2), noise_level=a)
-    assert last.log_prob is None
-    assert torch.allclose(last.prev_sample, x - 0.3 * v, atol=1e-6)
+    assert math.isclose(float(out.kl_std), s_noise, rel_tol=1e-6)  # the reference's std_dev_t
+    if log_prob_type == "gaussian":
+        expected = gauss_logprob_mean(out.prev_sample, mu, s_noise)
+    else:  # the reference's CPS "log-prob": -mean((x' - mu)^2), no variance, no constants
+        expected = -((out.prev_sample.double() - mu) ** 2).flatten(1).mean(1)
+    assert torch.allclose(out.log_prob.double(), expected, atol=1e-5)
+    last = flow_cps_step(v, x, sched, 2, generator=torch.Generator().manual_seed(2), noise_level=a,
+                         log_prob_type=log_prob_type)
+    assert torch.allclose(last.prev_sample, x - 0.3 * v, atol=1e-6)  # s' = 0: the clean x0-estimate
+    if log_prob_type == "gaussian":
+        assert last.log_prob is None  # deterministic: no density
+    else:  # still defined (0 on-policy) and it trains: rescoring with other weights moves it
+        assert torch.equal(last.log_prob, torch.zeros(3))
+        w = (v + 0.1).requires_grad_(True)
+        rescored = flow_cps_step(w, x, sched, 2, prev_sample=last.prev_sample, noise_level=a)
+        assert (rescored.log_prob < 0).all()
+        rescored.log_prob.sum().backward()
+        assert w.grad.abs().sum() > 0
+
+
+def test_flow_cps_mse_ratio_scale_differs_from_gaussian(xv):
+    """Why the reference's CPS log-prob matters: at a late step the Gaussian log-prob's sensitivity
+    to the mean is 1 / (2 s_noise^2) times the mse form's, so a clip range means another thing."""
+    x, v = xv
+    sched = flow_schedule([1.0, 0.5, 0.05, 0.0])
+    out = flow_cps_step(v, x, sched, 1, generator=torch.Generator().manual_seed(0))
+    w = v + 1e-3
+    d_mse = flow_cps_step(w, x, sched, 1, prev_sample=out.prev_sample).log_prob - out.log_prob
+    g = flow_cps_step(v, x, sched, 1, prev_sample=out.prev_sample, log_prob_type="gaussian").log_prob
+    d_gauss = flow_cps_step(w, x, sched, 1, prev_sample=out.prev_sample, log_prob_type="gaussian").log_prob - g
+    s_noise = 0.05 * math.sin(0.8 * math.pi / 2)
+    assert torch.allclose(d_gauss, d_mse / (2 * s_noise**2), rtol=1e-3)
+    with pytest.raises(ValueError, match="log_prob_type"):
+        flow_cps_step(v, x, sched, 1, generator=torch.Generator(), log_prob_type="exact")
+
+
+def test_flow_sde_kl_std_is_the_reference_std_dev_t(xv):
+    """The KL on the step mean is normalised by a sqrt(s / (1 - s)), not by the step's std
+    a sqrt(s / (1 - s)) sqrt(-dt): published kl_beta values assume the former."""
+    x, v = xv
+    sched = flow_schedule([1.0, 0.8, 0.5, 0.0])
+    for i, (s, s_next) in enumerate([(1.0, 0.8), (0.8, 0.5), (0.5, 0.0)]):
+        out = flow_sde_step(v, x, sched, i, generator=torch.Generator().manual_seed(0), noise_level=0.7)
+        s_den = 0.8 if s == 1.0 else s
+        assert math.isclose(float(out.kl_std), 0.7 * math.sqrt(s / (1 - s_den)), rel_tol=1e-6)
+        assert math.isclose(float(out.std), float(out.kl_std) * math.sqrt(s - s_next), rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("param", ["eps", "v"])
@@ -124,12 +167,15 @@ def test_kernel_family_checks():
         get_kernel("euler_a", "flow")
 
 
-def test_kernels_keep_dtype_and_gradient(xv):
+def test_kernels_return_float32_samples_and_keep_gradient(xv):
     x, v = xv
     v = v.clone().requires_grad_(True)
     sched = flow_schedule([1.0, 0.5, 0.0])
     out = flow_sde_step(v.bfloat16(), x.bfloat16(), sched, 1, generator=torch.Generator().manual_seed(0))
-    assert out.prev_sample.dtype == torch.bfloat16 and out.log_prob.dtype == torch.float32
+    # the sample that was scored comes back in float32 (a bf16 copy would no longer match its log-prob)
+    assert out.prev_sample.dtype == torch.float32 and out.log_prob.dtype == torch.float32
+    again = flow_sde_step(v.bfloat16(), x.bfloat16(), sched, 1, prev_sample=out.prev_sample)
+    assert torch.equal(again.log_prob, out.log_prob)
     # training scores a stored (detached) transition: the gradient reaches the prediction
     scored = flow_sde_step(v.bfloat16(), x.bfloat16(), sched, 1, prev_sample=out.prev_sample.detach())
     scored.log_prob.sum().backward()

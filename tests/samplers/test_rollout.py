@@ -147,3 +147,24 @@ def test_conditioning_indexing(sd3):
     assert len(rep) == 6 and rep.prompts == ["a", "a", "a", "b", "b", "b"]
     assert torch.equal(rep[3].pos["encoder_hidden_states"], cond[1].pos["encoder_hidden_states"])
     assert torch.equal(rep[torch.tensor([0, 5])].neg["pooled_projections"][1], cond.neg["pooled_projections"][1])
+
+
+BF16 = FAMILIES + [("toy", None, "flow_sde", {"noise_level": 0.7}, {}), ("sd3", None, "flow_cps", {"noise_level": 0.8}, {"max_sequence_length": 16})]
+
+
+@pytest.mark.parametrize("family,variant,kernel,kopts,options", BF16,
+                         ids=[f"{f[0]}-{f[1] or ''}-{f[2]}" for f in BF16])
+def test_bf16_weights_recompute_the_rollout_log_prob_exactly(tiny_model_dir, family, variant, kernel, kopts, options):
+    """With bf16 weights the trajectory keeps the float32 samples the kernels scored (as Flow-GRPO's
+    reference does), so the first inner step's PPO ratio is exactly 1; storing a bf16 copy gave
+    |d log p| of 1e-4 per step, above the 1e-4 clip range."""
+    path = "toy-shapes" if family == "toy" else str(tiny_model_dir(family, variant))
+    sampler = vs.load(path, dtype=torch.bfloat16, **options)
+    assert sampler.dtype == torch.bfloat16
+    size = {} if family == "toy" else SIZES
+    with torch.no_grad():
+        traj = sampler.rollout(["a red cube", "a blue ball"], num_steps=3, guidance_scale=3.0, kernel=kernel,
+                               kernel_options=kopts, generator=torch.Generator().manual_seed(0), **size)
+        again = sampler.log_prob(traj, detach_uncond=True)
+    assert traj.latents.dtype == torch.float32
+    assert torch.equal(again.log_prob, traj.log_probs[:, traj.sde_steps])  # ratio == 1 exactly

@@ -1,16 +1,21 @@
-"""The Sampler contract: a generator seen as a chain of denoising steps (shared/DESIGN.md).
+"""The Sampler contract: a generator seen as a chain of denoising steps (docs/samplers.md).
 
-A rollout reads as ``for i in steps: pred = denoise(x, i); x = kernel(pred, x, schedule, i)``.
-Family adapters (``families/``) supply four things: text encoding, the raw model call, initial
-noise and decoding; everything else (guidance, rollout, log-prob recomputation, hooks, the
-reference model) is written once here.
+A rollout reads as ``for i in steps: pred = denoiser(x, i, schedule, cond); x = kernel(pred, x,
+schedule, i)``.  Family adapters (``families/``) supply text encoding, the raw model call, initial
+noise, decoding and their family facts (LoRA targets and weight prefix); everything else
+(guidance, rollout, log-prob recomputation, the forward process, hooks, the reference model) is
+written once here.
+
+A *denoiser* is any callable ``denoiser(x, i, schedule, cond) -> prediction``.  Classifier-free
+guidance is one (:class:`CFGDenoiser`, what ``rollout`` uses by default); reward guidance and
+other steering terms wrap a denoiser in another, as k-diffusion wraps its denoisers.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -22,6 +27,8 @@ __all__ = [
     "HookState",
     "HookResult",
     "RandomWindow",
+    "Denoiser",
+    "CFGDenoiser",
     "Sampler",
     "resolve_sde_steps",
 ]
@@ -126,8 +133,12 @@ class Schedule:
 class StepOutput:
     """What a kernel returns (and ``Sampler.log_prob`` stacks over steps).
 
-    ``prev_sample (B, ...)``, ``mean (B, ...)`` float32, ``std`` scalar float32 (0 for ODE
-    steps), ``log_prob (B,)`` float32 or ``None`` for deterministic steps, ``x0 (B, ...)``.
+    ``prev_sample (B, ...)`` float32 (the sample that was scored), ``mean (B, ...)`` float32,
+    ``std`` scalar float32: the step's noise standard deviation (0 for ODE steps), ``log_prob
+    (B,)`` float32 or ``None`` for deterministic steps, ``x0 (B, ...)``.  ``kl_std`` is the scale
+    that normalises a KL term on the step mean, ``|mu - mu_ref|^2 / (2 kl_std^2)``: the reference
+    implementations' ``std_dev_t`` (Flow-GRPO's SDE: ``a sqrt(s / (1 - s))`` without the step's
+    ``sqrt(-dt)``; CPS and DDIM: the step's std); ``None`` for ODE steps.
     """
 
     prev_sample: torch.Tensor
@@ -135,6 +146,7 @@ class StepOutput:
     std: torch.Tensor
     log_prob: torch.Tensor | None
     x0: torch.Tensor | None = None
+    kl_std: torch.Tensor | None = None
 
 
 @dataclass
@@ -142,8 +154,10 @@ class Trajectory:
     """A recorded rollout.
 
     Args:
-        latents: ``(B, N + 1, *latent_shape)``: ``x_0`` (noise) ... ``x_N`` (final), in the
-            model's dtype.
+        latents: ``(B, N + 1, *latent_shape)``: ``x_0`` (noise) ... ``x_N`` (final), float32
+            whatever the model's dtype: the samples the kernels scored, so a recomputed
+            log-prob of a stored transition is exact in bf16 too (as the Flow-GRPO reference
+            stores them).
         log_probs: ``(B, N)`` float32; 0 on ODE steps (see ``sde_mask``).
         means: ``(B, N, *latent_shape)`` float32 kernel means, or ``None`` if not recorded.
         stds: ``(N,)`` float32 per-step standard deviations (0 on ODE steps).
@@ -258,6 +272,52 @@ def resolve_sde_steps(sde_steps, num_steps: int, generator=None) -> torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------
+# Denoisers: the prediction of one step, as a callable that can be wrapped
+# --------------------------------------------------------------------------------------------
+
+
+class Denoiser(Protocol):
+    """``denoiser(x, i, schedule, cond) -> prediction`` at step ``i`` of ``schedule``, in the
+    sampler's parameterisation (velocity, eps or v).  Wrappers take a denoiser and return one."""
+
+    def __call__(self, x: torch.Tensor, i: int, schedule: Schedule, cond: Conditioning) -> torch.Tensor: ...
+
+
+@dataclass
+class CFGDenoiser:
+    """Classifier-free guidance (Ho & Salimans 2022) as a denoiser:
+    ``pred = uncond + g * (cond - uncond)``; with ``g <= 1``, no negative conditioning or a
+    family without CFG (FLUX.1-dev's embedded guidance) it is the model's prediction alone.
+
+    Args:
+        sampler (`Sampler`): the model.
+        guidance_scale (`float`): ``g``.
+        detach_uncond (`bool`, *optional*, defaults to ``False``): stop the gradient through the
+            unconditional branch, ``pred = sg(uncond) + g * (cond - sg(uncond))``: Flow-GRPO's
+            reference does this when it recomputes log-probs for training, so only the
+            conditional branch trains.  Values are unchanged; only gradients differ.
+    """
+
+    sampler: "Sampler"
+    guidance_scale: float = 1.0
+    detach_uncond: bool = False
+
+    def __call__(self, x: torch.Tensor, i: int, schedule: Schedule, cond: Conditioning) -> torch.Tensor:
+        t = schedule.timesteps[i].to(x.device)
+        return self.sampler.predict(x, t, cond, self.guidance_scale, detach_uncond=self.detach_uncond)
+
+
+def _call(denoiser: Callable, x: torch.Tensor, i: int, schedule: Schedule, cond: Conditioning,
+          checkpoint: bool) -> torch.Tensor:
+    """One denoiser call; under gradient checkpointing its activations are recomputed in backward."""
+    if checkpoint and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint as ckpt
+
+        return ckpt(lambda inp: denoiser(inp, i, schedule, cond), x, use_reentrant=False)
+    return denoiser(x, i, schedule, cond)
+
+
+# --------------------------------------------------------------------------------------------
 # The Sampler
 # --------------------------------------------------------------------------------------------
 
@@ -269,6 +329,11 @@ class Sampler:
     ``_model`` (one raw forward pass on a batch) and ``decode``.  ``guidance`` tells how
     ``guidance_scale`` acts: ``"cfg"`` (classifier-free guidance with the negative prompt),
     ``"embedded"`` (FLUX.1-dev's guidance embedding) or ``"none"``.
+
+    Family facts used by training live here too: ``lora_targets`` (the module names LoRA adapts by
+    default, after the reference implementations), ``lora_prefix`` (the component name diffusers'
+    LoRA loaders use) and ``lora_writer`` (the diffusers pipeline class whose LoRA writer matches
+    the family's loader).
     """
 
     family: str = ""
@@ -281,6 +346,10 @@ class Sampler:
     #: the model card's sampling defaults, used when the user gives none
     default_steps: int = 30
     default_guidance: float = 1.0
+    #: LoRA defaults (see the class docstring)
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_prefix: str = "transformer"
+    lora_writer: str = ""
 
     def __init__(self, denoiser: torch.nn.Module, *, pipeline: Any = None, name: str = "") -> None:
         self.denoiser = denoiser
@@ -311,31 +380,110 @@ class Sampler:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.denoiser.parameters()).dtype
+        """The denoiser's compute dtype (diffusers' ``ModelMixin.dtype`` skips the modules a model
+        keeps in float32, such as Wan's time embedder)."""
+        dtype = getattr(self.denoiser, "dtype", None)
+        return dtype if isinstance(dtype, torch.dtype) else next(self.denoiser.parameters()).dtype
 
     def default_size(self) -> tuple[int, int]:
         """Default image height and width in pixels."""
         raise NotImplementedError
 
-    # ---- generic machinery -------------------------------------------------------------------
-    def denoise(
-        self, x: torch.Tensor, i: int, schedule: Schedule, cond: Conditioning, guidance_scale: float = 1.0
-    ) -> torch.Tensor:
-        """The model prediction at step ``i``, classifier-free guidance included.
-
-        The caller chooses grad mode; nothing here disables autograd.
-        """
-        t = schedule.timesteps[i].to(x.device)
-        if self.guidance == "cfg" and guidance_scale > 1.0 and cond.neg is not None:
+    # ---- predictions -------------------------------------------------------------------------
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance_scale: float = 1.0, *,
+                detach_uncond: bool = False) -> torch.Tensor:
+        """The model prediction at model time ``t`` (a scalar, or ``(B,)`` per sample), classifier-free
+        guidance included (see :class:`CFGDenoiser`).  ``x`` is cast to the model's dtype; the
+        caller chooses grad mode: nothing here disables autograd."""
+        x = x.to(self.dtype)
+        t = torch.as_tensor(t, device=x.device)
+        g = float(guidance_scale)
+        if self.guidance == "cfg" and g > 1.0 and cond.neg is not None:
             if self.cfg_batched:
                 both = {k: torch.cat([cond.neg[k], cond.pos[k]]) for k in cond.pos}
-                pred_uncond, pred_text = self._model(torch.cat([x, x]), t, both, guidance_scale).chunk(2)
+                tt = torch.cat([t, t]) if t.ndim == 1 else t
+                pred_uncond, pred_text = self._model(torch.cat([x, x]), tt, both, g).chunk(2)
             else:
-                pred_text = self._model(x, t, cond.pos, guidance_scale)
-                pred_uncond = self._model(x, t, cond.neg, guidance_scale)
-            return pred_uncond + guidance_scale * (pred_text - pred_uncond)
-        return self._model(x, t, cond.pos, guidance_scale)
+                pred_text = self._model(x, t, cond.pos, g)
+                pred_uncond = self._model(x, t, cond.neg, g)
+            if detach_uncond:
+                pred_uncond = pred_uncond.detach()
+            return pred_uncond + g * (pred_text - pred_uncond)
+        return self._model(x, t, cond.pos, g)
 
+    def denoise(self, x: torch.Tensor, i: int, schedule: Schedule, cond: Conditioning, guidance_scale: float = 1.0,
+                *, detach_uncond: bool = False) -> torch.Tensor:
+        """The model prediction at step ``i``, classifier-free guidance included:
+        ``CFGDenoiser(self, guidance_scale, detach_uncond)(x, i, schedule, cond)``."""
+        return CFGDenoiser(self, guidance_scale, detach_uncond)(x, i, schedule, cond)
+
+    # ---- the forward process (what DPO, NFT and supervised fine-tuning train on) ---------------
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.pipeline.scheduler.config.get("num_train_timesteps", 1000))
+
+    def sample_times(self, n: int, generator: torch.Generator | None = None, *, distribution: str = "uniform",
+                     logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+        """``n`` training times: noise levels ``s`` in ``(0, 1)`` for flow models, integer DDPM
+        timesteps in ``[0, num_train_timesteps)`` for eps / v models (uniform).
+
+        ``distribution="logit_normal"`` (flow models): ``s = sigmoid(N(logit_mean, logit_std^2))``,
+        SD3's training density (Esser et al. 2024, sec. 3.1)."""
+        if self.parameterization == "flow":
+            if distribution == "uniform":
+                return torch.rand(n, generator=generator)
+            if distribution == "logit_normal":
+                return torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator))
+            raise ValueError(f"distribution must be uniform or logit_normal, got {distribution!r}")
+        if distribution != "uniform":
+            raise ValueError(f"{self.parameterization}-prediction models draw integer timesteps: distribution must "
+                             f"be uniform, got {distribution!r}")
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
+
+    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        ac = self.pipeline.scheduler.alphas_cumprod.to(device=like.device, dtype=torch.float32)
+        return ac[t.to(like.device).long()].view(-1, *([1] * (like.ndim - 1)))
+
+    def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return t.to(device=like.device, dtype=torch.float32).view(-1, *([1] * (like.ndim - 1)))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x_t`` of the forward process (float32) at training times ``t (B,)`` (see :meth:`sample_times`).
+
+        Flow: ``x_s = (1 - s) x0 + s noise`` (rectified flow); eps / v: ``x_t = sqrt(ab_t) x0 +
+        sqrt(1 - ab_t) noise`` (DDPM, Ho et al. 2020 eq. 4)."""
+        x0, noise = x0.float(), noise.float()
+        if self.parameterization == "flow":
+            s = self._sigma(t, x0)
+            return (1 - s) * x0 + s * noise
+        ab = self._alpha_bar(t, x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the denoiser should predict at ``add_noise(x0, noise, t)`` (float32): the velocity
+        ``noise - x0`` (flow), ``noise`` (eps) or ``sqrt(ab_t) noise - sqrt(1 - ab_t) x0`` (v-prediction,
+        Salimans & Ho 2022)."""
+        x0, noise = x0.float(), noise.float()
+        if self.parameterization == "flow":
+            return noise - x0
+        if self.parameterization == "eps":
+            return noise
+        ab = self._alpha_bar(t, x0)
+        return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The model's time input for training times ``t``: ``1000 s`` for flow models (the
+        schedules' ``timesteps``), the integer timestep itself for DDPM models."""
+        if self.parameterization == "flow":
+            return t.float() * self.num_train_timesteps
+        return t.long()
+
+    def predict_at(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance_scale: float = 1.0, *,
+                   detach_uncond: bool = False) -> torch.Tensor:
+        """The prediction at per-sample training times ``t (B,)`` (compare with :meth:`training_target`)."""
+        return self.predict(x_t, self.model_time(t).to(x_t.device), cond, guidance_scale, detach_uncond=detach_uncond)
+
+    # ---- generic machinery -------------------------------------------------------------------
     def _as_cond(self, prompts_or_cond, negative_prompts=None) -> Conditioning:
         if isinstance(prompts_or_cond, Conditioning):
             return prompts_or_cond
@@ -358,6 +506,9 @@ class Sampler:
         record_x0: bool = False,
         record_means: bool = True,
         negative_prompts: Sequence[str] | None = None,
+        denoiser: Callable | None = None,
+        grad_steps: int | None = None,
+        checkpoint: bool = False,
         height: int | None = None,
         width: int | None = None,
         **noise_kwargs,
@@ -377,6 +528,13 @@ class Sampler:
             hooks: callables ``hook(HookState) -> None | Tensor | HookResult`` run after each
                 step, or objects with ``after_step`` and/or ``on_prediction(state, pred)``.
             record_x0: also record the x0-prediction of every step.
+            denoiser: the prediction of a step, ``denoiser(x, i, schedule, cond)``; defaults to
+                ``CFGDenoiser(self, guidance_scale)``.  Wrap it to add guidance terms.
+            grad_steps: ``None``: every step follows the caller's grad mode.  ``K``: only the
+                last ``K`` steps carry gradients (DRaFT-K / AlignProp); the earlier steps run
+                under ``torch.no_grad`` and the sample entering step ``N - K`` is detached.
+            checkpoint: gradient checkpointing on each denoiser call that carries gradients
+                (activations are recomputed in backward, so memory stays nearly flat in ``K``).
         """
         from .kernels import get_kernel
 
@@ -384,12 +542,17 @@ class Sampler:
         n = len(cond)
         if latents is None:
             latents = self.noise(n, generator, height=height, width=width, **noise_kwargs)
-        latents = latents.to(self.device)
+        # float32 from here on: the kernels score float32 samples and the trajectory keeps them
+        latents = latents.to(device=self.device, dtype=torch.float32).contiguous()
         schedule = self.schedule(num_steps, latents)
         kernel_options = dict(kernel_options or {})
         sde_kernel = get_kernel(kernel, self.parameterization)
         ode_kernel = get_kernel("ode", self.parameterization)
         mask = resolve_sde_steps(sde_steps, num_steps, generator) if kernel != "ode" else torch.zeros(num_steps, dtype=torch.bool)
+        denoiser = CFGDenoiser(self, guidance_scale) if denoiser is None else denoiser
+        if grad_steps is not None and not 0 <= int(grad_steps) <= num_steps:
+            raise ValueError(f"grad_steps must be in 0..num_steps ({num_steps}), got {grad_steps}")
+        first_grad = 0 if grad_steps is None else num_steps - int(grad_steps)
 
         xs = [latents]
         log_probs = torch.zeros(n, num_steps, device=latents.device)
@@ -398,21 +561,24 @@ class Sampler:
         x0s: list[torch.Tensor] = []
         x = latents
         for i in range(num_steps):
-            pred = self.denoise(x, i, schedule, cond, guidance_scale)
-            for hook in hooks:
-                on_pred = getattr(hook, "on_prediction", None)
-                if on_pred is not None:
-                    new = on_pred(HookState(self, i, x, None, schedule, cond, cond.prompts), pred)  # type: ignore[arg-type]
-                    pred = pred if new is None else new
-            if mask[i]:
-                out = sde_kernel(pred, x, schedule, i, generator=generator, **kernel_options)
-                if out.log_prob is None:  # the kernel is deterministic here (e.g. CPS's last step)
-                    mask[i] = False
+            if i == first_grad and grad_steps is not None:
+                x = x.detach()  # no gradient reaches the steps before the last K
+            with contextlib.nullcontext() if i >= first_grad else torch.no_grad():
+                pred = _call(denoiser, x, i, schedule, cond, checkpoint)
+                for hook in hooks:
+                    on_pred = getattr(hook, "on_prediction", None)
+                    if on_pred is not None:
+                        new = on_pred(HookState(self, i, x, None, schedule, cond, cond.prompts), pred)  # type: ignore[arg-type]
+                        pred = pred if new is None else new
+                if mask[i]:
+                    out = sde_kernel(pred, x, schedule, i, generator=generator, **kernel_options)
+                    if out.log_prob is None:  # the kernel is deterministic here (e.g. CPS's last step)
+                        mask[i] = False
+                    else:
+                        log_probs[:, i] = out.log_prob
                 else:
-                    log_probs[:, i] = out.log_prob
-            else:
-                out = ode_kernel(pred, x, schedule, i)
-            stds[i] = out.std.float().cpu()
+                    out = ode_kernel(pred, x, schedule, i)
+            stds[i] = out.std.detach().float().cpu()
             x = out.prev_sample
             if record_means:
                 means.append(out.mean)
@@ -435,7 +601,7 @@ class Sampler:
                         cond = cond[idx.cpu()]
                         x = x[idx]
                     if res.latents is not None:
-                        x = res.latents
+                        x = res.latents.float().contiguous()
             xs.append(x)
         return Trajectory(
             latents=torch.stack(xs, dim=1),
@@ -451,12 +617,15 @@ class Sampler:
             x0=torch.stack(x0s, dim=1) if record_x0 else None,
         )
 
-    def log_prob(self, traj: Trajectory, steps: Sequence[int] | None = None) -> StepOutput:
+    def log_prob(self, traj: Trajectory, steps: Sequence[int] | None = None, *, detach_uncond: bool = False,
+                 denoiser: Callable | None = None) -> StepOutput:
         """Recompute log-probs and means of stored transitions under the current weights.
 
         Uses the same kernel function that sampled them.  Returns a :class:`StepOutput` whose
         fields are stacked over ``steps`` on dim 1: ``log_prob (B, S)``, ``mean (B, S, ...)``,
-        ``std (S,)``, ``prev_sample (B, S, ...)``.  Defaults to every stochastic step.
+        ``std (S,)``, ``kl_std (S,)``, ``prev_sample (B, S, ...)``.  Defaults to every stochastic
+        step.  ``detach_uncond`` stops the gradient through the unconditional CFG branch (Flow-GRPO's
+        training); ``denoiser`` replaces the default ``CFGDenoiser(self, traj.guidance_scale)``.
         """
         from .kernels import get_kernel
 
@@ -464,12 +633,13 @@ class Sampler:
         if not steps:
             raise ValueError("no steps to score: this trajectory has no stochastic steps (kernel='ode'?)")
         kernel = get_kernel(traj.kernel, self.parameterization)
+        denoiser = CFGDenoiser(self, traj.guidance_scale, detach_uncond) if denoiser is None else denoiser
         outs = []
         for i in steps:
             if not bool(traj.sde_mask[i]):
                 raise ValueError(f"step {i} was deterministic (ODE) in this rollout and has no log-prob")
             x = traj.latents[:, i]
-            pred = self.denoise(x, i, traj.schedule, traj.cond, traj.guidance_scale)
+            pred = denoiser(x, i, traj.schedule, traj.cond)
             outs.append(kernel(pred, x, traj.schedule, i, prev_sample=traj.latents[:, i + 1], **traj.kernel_options))
         return StepOutput(
             prev_sample=torch.stack([o.prev_sample for o in outs], 1),
@@ -477,6 +647,7 @@ class Sampler:
             std=torch.stack([o.std for o in outs]),
             log_prob=torch.stack([o.log_prob for o in outs], 1),
             x0=torch.stack([o.x0 for o in outs], 1),
+            kl_std=torch.stack([o.kl_std for o in outs]),
         )
 
     @contextlib.contextmanager

@@ -15,10 +15,12 @@ One function for both uses means sampling and scoring cannot drift apart: on-pol
 recomputed log-prob equals the sampled one and the PPO ratio is exactly 1 (ddpo-pytorch's
 ``ddim_step_with_logprob`` habit).
 
-Notation (shared/REFERENCE.md).  Rectified flow: ``x_s = (1 - s) x0 + s eps``, ``v = eps - x0``,
+Notation (docs/samplers.md).  Rectified flow: ``x_s = (1 - s) x0 + s eps``, ``v = eps - x0``,
 one step goes from ``s`` to ``s' < s`` with ``dt = s' - s < 0``.  DDPM: ``x_t = sqrt(ab_t) x0 +
 sqrt(1 - ab_t) eps``.  Gaussian log-probs are **averaged** over every non-batch dimension, as in
-the Flow-GRPO and DDPO reference code.  Kernels compute in float32 and cast the sample back.
+the Flow-GRPO and DDPO reference code.  Kernels compute in float32 and return the float32
+sample they scored (the trajectory keeps it, as the Flow-GRPO reference does), so recomputing the
+log-prob of a stored transition under bf16 weights is exact.
 """
 
 from __future__ import annotations
@@ -61,7 +63,13 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     """
     std = torch.as_tensor(std, dtype=torch.float32, device=sample.device)
     lp = -((sample.float() - mean.float()) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    return lp.mean(dim=tuple(range(1, lp.ndim)))
+    return _mean_over_sample(lp)
+
+
+def _mean_over_sample(t: torch.Tensor) -> torch.Tensor:
+    """Mean over every non-batch dim in logical (contiguous) order, so the same values give the same
+    float32 sum whatever their memory layout (a live sample vs its stored copy)."""
+    return t.reshape(t.shape[0], -1).mean(1)
 
 
 def _ddpm_x0_eps(pred: torch.Tensor, x: torch.Tensor, ab_t: torch.Tensor, parameterization: str, clip=None):
@@ -91,10 +99,13 @@ def predict_x0(pred: torch.Tensor, x: torch.Tensor, schedule: "Schedule", i: int
     return x0
 
 
-def _finish(prev: torch.Tensor, mean: torch.Tensor, std, x0, dtype, *, stochastic: bool) -> StepOutput:
+def _finish(prev: torch.Tensor, mean: torch.Tensor, std, x0, *, stochastic: bool, kl_std=None) -> StepOutput:
     log_prob = gaussian_log_prob(prev, mean, std) if stochastic else None
     std_t = torch.as_tensor(std, dtype=torch.float32)
-    return StepOutput(prev_sample=prev.to(dtype), mean=mean, std=std_t, log_prob=log_prob, x0=x0)
+    if stochastic and kl_std is None:
+        kl_std = std_t
+    kl = None if kl_std is None else torch.as_tensor(kl_std, dtype=torch.float32).reshape(())
+    return StepOutput(prev_sample=prev.float().contiguous(), mean=mean, std=std_t, log_prob=log_prob, x0=x0, kl_std=kl)
 
 
 def _sample_or_score(mean, std, generator, prev_sample):
@@ -110,7 +121,6 @@ def ode_step(pred, x, schedule: "Schedule", i: int, *, generator=None, prev_samp
     sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev) eps_hat`` (Song et al. 2021, DDIM eq. 12, sigma = 0).
     ``log_prob`` is ``None``: a deterministic transition has no density.
     """
-    dtype = x.dtype
     xf, pf = x.float(), pred.float()
     if schedule.parameterization == "flow":
         s, s_next = schedule.sigma(i, xf), schedule.sigma(i + 1, xf)
@@ -120,7 +130,7 @@ def ode_step(pred, x, schedule: "Schedule", i: int, *, generator=None, prev_samp
         ab_t, ab_prev = schedule.alpha_cumprod(i, xf), schedule.alpha_cumprod_prev(i, xf)
         x0, eps = _ddpm_x0_eps(pf, xf, ab_t, schedule.parameterization, schedule.clip_sample_range)
         mean = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
-    return _finish(mean, mean, 0.0, x0, dtype, stochastic=False)
+    return _finish(mean, mean, 0.0, x0, stochastic=False)
 
 
 def _pool(t: torch.Tensor, f: int) -> torch.Tensor:
@@ -156,11 +166,13 @@ def flow_sde_step(
     policy explores only low-frequency directions, so a REINFORCE estimate carries ``f^2`` fewer
     noise dimensions that do not change the layout.  ``f = 1`` is Flow-GRPO's step exactly.
 
+    ``kl_std`` is ``a sqrt(s / (1 - s))`` (the reference's ``std_dev_t``, without ``sqrt(-dt)``):
+    the scale published KL weights assume.
+
     Args:
         noise_level (`float`, *optional*, defaults to 0.7): ``a`` in the paper (reference default).
         noise_pool (`int`, *optional*, defaults to 1): block size ``f`` of the exploration noise.
     """
-    dtype = x.dtype
     xf, v = x.float(), pred.float()
     s, s_next = schedule.sigma(i, xf), schedule.sigma(i + 1, xf)
     dt = s_next - s  # negative
@@ -176,10 +188,11 @@ def flow_sde_step(
         score_term = _unpool(_pool(score_term, f), f)
     mean = xf + (v + std**2 / (2 * s) * score_term) * dt
     if noise_level == 0:
-        return _finish(mean, mean, 0.0, x0, dtype, stochastic=False)
+        return _finish(mean, mean, 0.0, x0, stochastic=False)
+    kl_std = std.reshape(())
     if f == 1:
         prev = _sample_or_score(mean, step_std, generator, prev_sample)
-        return _finish(prev, mean, step_std.reshape(()), x0, dtype, stochastic=True)
+        return _finish(prev, mean, step_std.reshape(()), x0, stochastic=True, kl_std=kl_std)
     step_std = step_std.reshape(())
     if prev_sample is None:
         z = _randn_like(_pool(mean, f), generator)
@@ -188,32 +201,48 @@ def flow_sde_step(
         prev = prev_sample.float()
     y = _pool(prev - mean, f) * f  # U^T (x' - mu)
     log_prob = gaussian_log_prob(y, torch.zeros_like(y), step_std)
-    return StepOutput(prev_sample=prev.to(dtype), mean=mean, std=step_std, log_prob=log_prob, x0=x0)
+    return StepOutput(prev_sample=prev.float().contiguous(), mean=mean, std=step_std, log_prob=log_prob, x0=x0, kl_std=kl_std)
 
 
 def flow_cps_step(
-    pred, x, schedule: "Schedule", i: int, *, generator=None, prev_sample=None, noise_level: float = 0.8
+    pred, x, schedule: "Schedule", i: int, *, generator=None, prev_sample=None, noise_level: float = 0.8,
+    log_prob_type: str = "mse",
 ) -> StepOutput:
     """Coefficient-preserving sampling step (Flow-GRPO CPS variant; Wang & Yu 2025).
 
     ``s_noise = s' sin(a pi / 2)``, ``x0 = x - s v``, ``x1 = x + (1 - s) v``,
     ``mu = (1 - s') x0 + sqrt(s'^2 - s_noise^2) x1``, ``x' = mu + s_noise z``.
-    At the final step (``s' = 0``) the noise vanishes and the step is deterministic.
+
+    The log-prob is the reference implementation's by default, ``log_prob_type="mse"``:
+    ``-mean((x' - mu)^2)``, no division by ``2 s_noise^2`` and no constants, so late steps with a
+    tiny ``s_noise`` do not blow up the PPO ratio; published CPS clip ranges assume it.  At the
+    last step (``s' = 0``) the noise vanishes, ``x' = mu``, and this log-prob is still defined
+    (0 on-policy, with a gradient when a stored transition is rescored).  ``"gaussian"`` is the
+    exact density ``log N(x'; mu, s_noise^2)`` (averaged), with the last step deterministic
+    (``log_prob`` ``None``).  ``kl_std`` is ``s_noise`` (the reference's ``std_dev_t``).
 
     Args:
         noise_level (`float`, *optional*, defaults to 0.8): ``a`` (reference default).
+        log_prob_type (`str`, *optional*, defaults to ``"mse"``): ``"mse"`` or ``"gaussian"``.
     """
-    dtype = x.dtype
+    if log_prob_type not in ("mse", "gaussian"):
+        raise ValueError(f"flow_cps log_prob_type must be 'mse' (the reference's) or 'gaussian', got {log_prob_type!r}")
     xf, v = x.float(), pred.float()
     s, s_next = schedule.sigma(i, xf), schedule.sigma(i + 1, xf)
     s_noise = s_next * math.sin(noise_level * math.pi / 2)
     x0 = xf - s * v
     x1 = xf + (1 - s) * v
     mean = (1 - s_next) * x0 + torch.sqrt(s_next**2 - s_noise**2) * x1
-    if float(s_noise.reshape(-1)[0]) == 0.0:
-        return _finish(mean, mean, 0.0, x0, dtype, stochastic=False)
-    prev = _sample_or_score(mean, s_noise, generator, prev_sample)
-    return _finish(prev, mean, s_noise.reshape(()), x0, dtype, stochastic=True)
+    last = float(s_noise.reshape(-1)[0]) == 0.0
+    if log_prob_type == "gaussian":
+        if last:
+            return _finish(mean, mean, 0.0, x0, stochastic=False)
+        prev = _sample_or_score(mean, s_noise, generator, prev_sample)
+        return _finish(prev, mean, s_noise.reshape(()), x0, stochastic=True)
+    prev = mean if (last and prev_sample is None) else _sample_or_score(mean, s_noise, generator, prev_sample)
+    log_prob = -_mean_over_sample((prev.float() - mean) ** 2)
+    std = s_noise.reshape(())
+    return StepOutput(prev_sample=prev.float().contiguous(), mean=mean, std=std, log_prob=log_prob, x0=x0, kl_std=std)
 
 
 def ddim_step(
@@ -227,7 +256,6 @@ def ddim_step(
     Args:
         eta (`float`, *optional*, defaults to 1.0): DDPO uses 1.0 for RL rollouts.
     """
-    dtype = x.dtype
     xf, pf = x.float(), pred.float()
     ab_t, ab_prev = schedule.alpha_cumprod(i, xf), schedule.alpha_cumprod_prev(i, xf)
     x0, eps = _ddpm_x0_eps(pf, xf, ab_t, schedule.parameterization, schedule.clip_sample_range)
@@ -235,9 +263,9 @@ def ddim_step(
     std = eta * var.sqrt()
     mean = ab_prev.sqrt() * x0 + (1 - ab_prev - std**2).clamp_min(0).sqrt() * eps
     if eta == 0 or float(std) == 0.0:  # e.g. the last step when ab_prev == 1 (set_alpha_to_one)
-        return _finish(mean, mean, 0.0, x0, dtype, stochastic=False)
+        return _finish(mean, mean, 0.0, x0, stochastic=False)
     prev = _sample_or_score(mean, std, generator, prev_sample)
-    return _finish(prev, mean, std.reshape(()), x0, dtype, stochastic=True)
+    return _finish(prev, mean, std.reshape(()), x0, stochastic=True)
 
 
 Kernel = Callable[..., StepOutput]

@@ -42,6 +42,8 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
 
 class FluxSampler(Sampler):
     family = "flux"
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    lora_writer = "FluxPipeline"
     parameterization = "flow"
 
     def __init__(self, pipe, name: str = "", max_sequence_length: int = 512) -> None:

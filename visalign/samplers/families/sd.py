@@ -19,6 +19,8 @@ class SDSampler(Sampler):
     """Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``)."""
 
     family = "sd"
+    lora_prefix = "unet"
+    lora_writer = "StableDiffusionPipeline"
     guidance = "cfg"
     default_steps = 50
     default_guidance = 7.5
@@ -104,6 +106,7 @@ class SDXLSampler(SDSampler):
     """SDXL (``StableDiffusionXLPipeline``): two text encoders, pooled embeds and size time ids."""
 
     family = "sdxl"
+    lora_writer = "StableDiffusionXLPipeline"
     default_guidance = 5.0
 
     def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> Conditioning:

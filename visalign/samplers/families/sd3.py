@@ -12,6 +12,9 @@ from ._common import calculate_shift, flow_schedule, module_dtype, randn, to_uni
 
 class SD3Sampler(Sampler):
     family = "sd3"
+    #: Flow-GRPO: the attention projections of both MMDiT streams
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    lora_writer = "StableDiffusion3Pipeline"
     parameterization = "flow"
     guidance = "cfg"
     default_steps = 28

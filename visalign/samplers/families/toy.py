@@ -17,6 +17,8 @@ from ._common import flow_schedule, randn, to_unit_range
 
 class ToySampler(Sampler):
     family = "toy"
+    lora_prefix = "unet"
+    lora_writer = "StableDiffusionPipeline"  # the UNet LoRA layout diffusers' SD loader reads
     parameterization = "flow"
     guidance = "cfg"
     default_steps = 20

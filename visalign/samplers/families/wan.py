@@ -20,6 +20,7 @@ from ._common import flow_schedule, module_dtype, randn
 
 class WanSampler(Sampler):
     family = "wan"
+    lora_writer = "WanPipeline"
     parameterization = "flow"
     guidance = "cfg"
     cfg_batched = False  # the pipeline runs cond, then uncond, as two calls
