@@ -12,12 +12,14 @@ Images of any size are resized to 32 px with torch ops (area average down, bilin
 autograd graph reaches the pixels; the caller chooses grad mode.  A prompt outside the toy grammar
 makes its sample invalid (score NaN, ``valid`` False, the parser's message in ``extras["reason"]``)
 and its image is not run through the model.  The weights are trained by ``visalign toy train-proxy``
-(:mod:`visalign.toy.proxy`); the default folder is ``assets/shapes-proxy``.
+(:mod:`visalign.toy.proxy`); the default folder is ``shapes-proxy`` of the assets shipped with
+visalign (:mod:`visalign.assets`; ``$VISALIGN_ASSETS`` overrides the assets folder).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -29,10 +31,11 @@ __all__ = ["ShapesProxyReward", "default_path"]
 
 
 def default_path() -> str:
-    """``assets/shapes-proxy`` of the repository (``$VISALIGN_ASSETS`` overrides the assets folder)."""
-    from visalign.samplers.loading import assets_dir
+    """The shipped weights: ``shapes-proxy`` of :func:`visalign.assets.assets_dir` (``$VISALIGN_ASSETS``
+    overrides the assets folder)."""
+    from visalign.assets import asset_path
 
-    return str(assets_dir() / "shapes-proxy")
+    return str(asset_path("shapes-proxy"))
 
 
 class ShapesProxyReward(Reward):
@@ -40,7 +43,7 @@ class ShapesProxyReward(Reward):
 
     Args:
         path (`str`, *optional*): folder with ``config.json`` and ``model.safetensors`` written by
-            ``visalign toy train-proxy``; defaults to ``assets/shapes-proxy``.
+            ``visalign toy train-proxy``; defaults to the shipped weights (:func:`default_path`).
         device (`str`, *optional*, defaults to ``"cpu"``): where the model runs.
     """
 
@@ -49,7 +52,17 @@ class ShapesProxyReward(Reward):
     def __init__(self, path: str | os.PathLike | None = None, device: str = "cpu") -> None:
         from visalign.toy.proxy import load
 
-        self.path = str(path) if path is not None else default_path()
+        if path is None:
+            from visalign.assets import missing_asset_message
+            from visalign.toy.proxy import CONFIG_NAME, WEIGHTS_NAME
+
+            path = default_path()
+            if not all((Path(path) / f).is_file() for f in (CONFIG_NAME, WEIGHTS_NAME)):
+                raise FileNotFoundError(
+                    "reward 'shapes-proxy' (default weights): " + missing_asset_message("shapes-proxy")
+                    + " Or train one with `visalign toy train-proxy --out DIR` and pass path=DIR."
+                )
+        self.path = str(path)
         self.model = load(self.path).to(device)
         self.model.requires_grad_(False)  # a reward: gradients go to the pixels, not to these weights
 

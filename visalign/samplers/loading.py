@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from visalign.assets import asset_path, assets_dir, missing_asset_message  # noqa: F401  (assets_dir: re-exported)
+
 from .contract import Sampler
 
 __all__ = ["load", "ModelNotFoundError", "FAMILIES", "BUILTIN_MODELS", "family_of", "assets_dir"]
@@ -32,16 +34,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "ToyShapesPipeline": ("toy", "toy:ToySampler"),
 }
 
-#: built-in names -> folder under assets/
+#: built-in names -> folder under the assets folder (:mod:`visalign.assets`)
 BUILTIN_MODELS = {"toy-shapes": "toy-shapes"}
-
-
-def assets_dir() -> Path:
-    """The project's ``assets/`` folder (``$VISALIGN_ASSETS`` overrides)."""
-    env = os.environ.get("VISALIGN_ASSETS")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "assets"
 
 
 def _how_to_get(model: str) -> str:
@@ -107,11 +101,11 @@ def load(model: str, dtype: torch.dtype | str | None = None, device: torch.devic
         dtype = getattr(torch, dtype)
     name = model
     if model in BUILTIN_MODELS:
-        local = assets_dir() / BUILTIN_MODELS[model]
+        local = asset_path(BUILTIN_MODELS[model])
         if not (local / "model_index.json").is_file():
             raise ModelNotFoundError(
-                f"built-in model {model!r} is missing from {local}: reinstall visalign from a full checkout "
-                "(assets/ ships with the repository) or set VISALIGN_ASSETS to the folder that holds it."
+                f"built-in model {model!r}: " + missing_asset_message(BUILTIN_MODELS[model])
+                + " Or pass --model DIR, a toy-shapes folder saved by `python -m visalign.toy.pretrain --out DIR`."
             )
         model = str(local)
     index, ref = _read_model_index(model)

@@ -166,9 +166,12 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> ToyShapes
     root = Path(path)
     index_file = root / "model_index.json"
     if not index_file.is_file():
+        from visalign.assets import asset_path
+
         raise FileNotFoundError(
             f"no toy-shapes model at {str(root)!r}: expected {index_file}. "
-            "Pretrain one with `python -m visalign.toy.pretrain --out DIR` or point to assets/toy-shapes."
+            "Pretrain one with `python -m visalign.toy.pretrain --out DIR`, or use the shipped one: by name, "
+            f"`--model toy-shapes`, or by folder, {str(asset_path('toy-shapes'))!r}."
         )
     index = json.loads(index_file.read_text())
     if index.get("_class_name") != PIPELINE_CLASS:
