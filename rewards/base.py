@@ -1,20 +1,29 @@
-"""The Reward contract (shared/DESIGN.md, "Reward contract").
+"""The Reward contract (docs/rewards.md; its "Metadata" section for ``metadata``).
 
 A reward is a callable ``reward(images, prompts=None, *, references=None, metadata=None)``
 returning a :class:`RewardOutput`.  ``images`` is a float tensor in ``[0, 1]`` of shape
 ``(B, 3, H, W)`` (or ``(B, F, 3, H, W)`` for video).  Scores are float32, higher is better;
 a sample that a reward could not judge is marked invalid in ``valid`` and never silently
 scored as 0 or -1.
+
+``metadata`` is ``None`` or a sequence with one entry per sample, each a dict of *task metadata*
+for that sample's prompt, or ``None`` when the sample has none.  Task metadata says what the
+prompt asks for: GenEval's ``tag`` / ``include`` / ``exclude`` (read by the ``shapes`` verifier),
+a ``group`` label (read by ``combine(..., normalize="group")``).  It is never file bookkeeping
+(path, seed, model, sampler settings): whoever calls a reward strips those.  A reward reads only
+the keys it knows and, per sample, falls back (for example to parsing the prompt) when they are
+absent; it never treats an unknown dict as its own format.  :func:`sample_metadata` checks the
+sequence and gives one dict per sample.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-__all__ = ["RewardOutput", "RewardInfo", "Reward", "check_images"]
+__all__ = ["RewardOutput", "RewardInfo", "Reward", "check_images", "sample_metadata"]
 
 
 @dataclass
@@ -97,10 +106,57 @@ def check_images(images: torch.Tensor, name: str) -> torch.Tensor:
     return images
 
 
+def sample_metadata(metadata: Sequence[Mapping | None] | None, batch: int, name: str) -> list[dict]:
+    """Check ``metadata`` against the contract and return one task-metadata dict per sample.
+
+    Args:
+        metadata (`Sequence[Mapping | None]`, *optional*): one entry per sample, a mapping of task
+            metadata or ``None``; ``None`` for the whole batch means no sample has any.
+        batch (`int`): the number of samples.
+        name (`str`): the reward's name, for the error messages.
+
+    Returns:
+        `list[dict]`: ``batch`` dicts (shallow copies); ``{}`` where a sample has no metadata, so a
+        reward can always write ``entry.get(key)`` and fall back when the key is absent.
+
+    Raises:
+        TypeError: ``metadata`` is a single mapping or a string rather than a sequence, or an entry
+            is neither a mapping nor ``None``.
+        ValueError: the number of entries is not ``batch``.
+    """
+    if metadata is None:
+        return [{} for _ in range(batch)]
+    if isinstance(metadata, (Mapping, str, bytes)):
+        raise TypeError(
+            f"reward {name!r}: metadata must be a sequence with one entry (a dict or None) per sample, "
+            f"got a single {type(metadata).__name__}; pass metadata=[{{...}}] * {batch} to give every sample the same"
+        )
+    entries = list(metadata)
+    if len(entries) != batch:
+        raise ValueError(
+            f"reward {name!r}: got {batch} samples but {len(entries)} metadata entries; "
+            "pass one entry (a dict or None) per sample"
+        )
+    out: list[dict] = []
+    for i, entry in enumerate(entries):
+        if entry is None:
+            out.append({})
+        elif isinstance(entry, Mapping):
+            out.append(dict(entry))
+        else:
+            raise TypeError(
+                f"reward {name!r}: metadata[{i}] is a {type(entry).__name__}; each entry is a dict of task "
+                "metadata (e.g. GenEval's tag/include) or None"
+            )
+    return out
+
+
 class Reward:
     """Base class for rewards: holds ``info`` and validates input; subclasses implement ``score``.
 
-    ``__call__`` checks the input and the output, so every reward honours the same contract.
+    ``__call__`` checks the input and the output, so every reward honours the same contract.  By the
+    time ``score`` runs, ``prompts`` is ``None`` or one string per sample and ``metadata`` is
+    ``None`` or a list of one dict per sample (``{}`` where the caller gave ``None``).
     """
 
     info: RewardInfo
@@ -120,8 +176,24 @@ class Reward:
         prompts: Sequence[str] | None = None,
         *,
         references: Any = None,
-        metadata: Sequence[dict] | None = None,
+        metadata: Sequence[Mapping | None] | None = None,
     ) -> RewardOutput:
+        """Score a batch.
+
+        Args:
+            images (`torch.Tensor`): float in ``[0, 1]``, ``(B, 3, H, W)`` or ``(B, F, 3, H, W)``.
+            prompts (`Sequence[str]` or `str`, *optional*): one prompt per sample; a single string is
+                used for every sample.  Required by rewards whose ``info.inputs`` name ``"prompts"``.
+            references (*optional*): reference images, for rewards that name ``"references"``.
+            metadata (`Sequence[dict | None]`, *optional*): one entry per sample: a dict of task
+                metadata for that sample's prompt (GenEval's ``tag`` / ``include`` / ``exclude``, a
+                ``group`` label for ``combine(..., normalize="group")``) or ``None``.  Never file
+                bookkeeping (path, seed, model).  A reward reads only the keys it knows and falls
+                back per sample (e.g. to parsing the prompt) when they are absent.
+
+        Returns:
+            :class:`RewardOutput` with ``B`` scores.
+        """
         images = check_images(images, self.info.name)
         if "prompts" in self.info.inputs:
             if prompts is None:
@@ -134,6 +206,8 @@ class Reward:
                 )
         if "references" in self.info.inputs and references is None:
             raise ValueError(f"reward {self.info.name!r} needs references=... (reference images)")
+        if metadata is not None:
+            metadata = sample_metadata(metadata, images.shape[0], self.info.name)
         out = self.score(images, prompts, references, metadata)
         if out.scores.shape[0] != images.shape[0]:
             raise RuntimeError(

@@ -3,8 +3,9 @@
 Per input reward ``i`` with native scores ``s_i``:
 
 1. ``n_i = normalize(s_i)``: ``"none"``; ``"batch"`` (z-score over the valid samples of the
-   batch); ``"group"`` (z-score within each prompt group, GRPO-style; groups are consecutive
-   blocks of ``group_size`` or ``metadata[j]["group"]``); ``("affine", a, b)`` (``a * s + b``,
+   batch); ``"group"`` (z-score within each prompt group, GRPO-style; groups are the labels
+   ``metadata[j]["group"]`` when every sample has one, else consecutive blocks of ``group_size``;
+   labels on some samples only are an error); ``("affine", a, b)`` (``a * s + b``,
    e.g. Flow-GRPO's PickScore ``/ 26`` is ``("affine", 1/26, 0)``).
 2. ``t_i = transform(n_i)``: ``None``, ``"clamp"`` (to [0, 1]) or ``("clamp", lo, hi)``,
    ``"sigmoid"``, ``"logsigmoid"``, ``"rank"`` (batch rank scaled to [0, 1]).
@@ -41,10 +42,19 @@ def _masked_zscore(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def _groups(batch: int, group_size: int | None, metadata: Sequence[dict] | None) -> torch.Tensor:
-    if metadata is not None and all(isinstance(m, Mapping) and "group" in m for m in metadata):
+    # metadata has passed Reward.__call__: None or one dict per sample ({} where the caller gave None)
+    labelled = [i for i, m in enumerate(metadata or ()) if "group" in m]
+    if metadata is not None and len(labelled) == batch:
         labels = [m["group"] for m in metadata]
         index = {g: i for i, g in enumerate(dict.fromkeys(labels))}
         return torch.tensor([index[g] for g in labels])
+    if labelled:  # half-labelled: consecutive blocks would silently mix the labelled groups
+        have = set(labelled)
+        missing = [i for i in range(batch) if i not in have]
+        raise ValueError(
+            f"normalize='group': metadata gives a 'group' label for samples {labelled[:8]} but not for "
+            f"samples {missing[:8]} (of {batch}); label every sample or none (then group_size is used)"
+        )
     if group_size is None or batch % group_size:
         raise ValueError(
             f"normalize='group' needs group_size dividing the batch (got group_size={group_size}, batch={batch}) "

@@ -8,9 +8,14 @@ pass 0/1 (``mode="strict"``).  Components, all ``(B,)`` float32:
   ``colors``, ``position``, ``color_attr``): the strict pass for samples of that category and NaN
   for the others, so ``nanmean`` gives the per-category accuracy of a mixed batch.
 
-Metadata comes from ``metadata=`` when given (GenEval layout), else is parsed from the prompt text;
-a prompt outside the grammar makes its sample invalid (score NaN, ``valid`` False, the parser's
-message in ``extras["reason"]``).  Not differentiable: segmentation and counting are discrete.
+What each sample must show comes, per sample, from its ``metadata`` entry when that entry holds
+GenEval metadata (an ``include`` list; ``tag`` and ``exclude`` are read too), else from parsing that
+sample's prompt; other keys of an entry (a ``group`` label, anything else) are ignored.  A sample
+that cannot be judged is invalid (score NaN, ``valid`` False, the reason in ``extras["reason"]``):
+a prompt outside the grammar with no GenEval metadata, or an ``include`` that is not a list of
+clauses (``{"class", "count"[, "color"][, "position"]}``).  ``extras["source"]`` says where each
+sample's metadata came from (``"metadata"`` or ``"prompt"``).  Not differentiable: segmentation and
+counting are discrete.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import Reward, RewardOutput
+from .base import Reward, RewardOutput, sample_metadata
 from .registry import info as _registered_info
 
 __all__ = ["ShapesReward"]
@@ -49,18 +54,30 @@ class ShapesReward(Reward):
         references: Any,
         metadata: Sequence[dict] | None,
     ) -> RewardOutput:
-        from visalign.toy.prompts import TAGS, parse_prompts
+        from visalign.toy.prompts import TAGS, parse_prompt
         from visalign.toy.verify import check, detect_batch
 
         if images.ndim != 4:
             raise ValueError(f"reward 'shapes' scores images (B, 3, H, W), not video; got {tuple(images.shape)}")
         b = images.shape[0]
-        if metadata is not None and len(metadata) != b:
-            raise ValueError(f"reward 'shapes': got {b} images but {len(metadata)} metadata entries")
-        if metadata is not None:
-            metas, reasons = list(metadata), [""] * b
-        else:  # outside the grammar: that sample cannot be judged
-            metas, reasons = parse_prompts(prompts)
+        entries = sample_metadata(metadata, b, "shapes")
+        metas: list[dict | None] = []
+        reasons: list[str] = []
+        sources: list[str] = []
+        for i, entry in enumerate(entries):
+            if "include" in entry:  # GenEval metadata: what the sample must show, whatever the text says
+                problem = _geneval_problem(entry)
+                metas.append(None if problem else entry)
+                reasons.append(f"metadata[{i}]: {problem}" if problem else "")
+                sources.append("metadata")
+                continue
+            try:  # anything else in the entry is not ours: judge the prompt text
+                metas.append(parse_prompt(prompts[i]))
+                reasons.append("")
+            except ValueError as err:  # outside the grammar: this sample cannot be judged
+                metas.append(None)
+                reasons.append(str(err))
+            sources.append("prompt")
         objects = detect_batch(images)
         nan = float("nan")
         strict = torch.full((b,), nan)
@@ -80,4 +97,43 @@ class ShapesReward(Reward):
         components = {"strict": strict, "partial": partial, **{f"strict/{t}": per_tag[t] for t in TAGS}}
         scores = (partial if self.mode == "partial" else strict).clone()
         return RewardOutput(scores=scores, components=components, valid=valid,
-                            extras={"tag": tags, "reason": reasons})
+                            extras={"tag": tags, "reason": reasons, "source": sources})
+
+
+def _geneval_problem(meta: dict) -> str:
+    """Why the verifier cannot check ``meta`` (GenEval metadata), or ``""`` when it can.
+
+    A clause naming a class, colour or relation the toy world does not have (real GenEval metadata
+    names COCO classes) cannot be judged here, so it makes the sample invalid rather than a 0.
+    """
+    from visalign.toy.prompts import COLORS, RELATIONS, SHAPES
+
+    def clause_problem(clause: Any, where: str, n: int) -> str:
+        if not isinstance(clause, dict) or "class" not in clause or "count" not in clause:
+            return f"{where} must be a dict with 'class' and 'count', got {clause!r}"
+        if clause["class"] not in SHAPES:
+            return f"{where}: class {clause['class']!r} is not a shape of the toy world ({', '.join(SHAPES)})"
+        count = clause["count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            return f"{where}: count must be a positive integer, got {count!r}"
+        if "color" in clause and clause["color"] not in COLORS:
+            return f"{where}: colour {clause['color']!r} is not one of the toy world's ({', '.join(COLORS)})"
+        pos = clause.get("position")
+        if pos is not None and not (isinstance(pos, (list, tuple)) and len(pos) == 2 and pos[0] in RELATIONS
+                                    and isinstance(pos[1], int) and 0 <= pos[1] < n):
+            return (f"{where}: position must be [relation, index of another clause] with a relation among "
+                    f"{list(RELATIONS)}, got {pos!r}")
+        return ""
+
+    include = meta["include"]
+    if not isinstance(include, list) or not include:
+        return f"'include' must be a non-empty list of clauses, got {include!r}"
+    exclude = meta.get("exclude", [])
+    if not isinstance(exclude, list):
+        return f"'exclude' must be a list of clauses, got {exclude!r}"
+    for key, clauses in (("include", include), ("exclude", exclude)):
+        for k, clause in enumerate(clauses):
+            problem = clause_problem(clause, f"{key}[{k}]", len(include))
+            if problem:
+                return problem
+    return ""

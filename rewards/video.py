@@ -40,7 +40,11 @@ def frame_indices(num_frames: int, frames: int | None) -> torch.Tensor:
 
 
 class FrameReward(Reward):
-    """An image reward applied to sampled frames of ``(B, F, 3, H, W)`` videos."""
+    """An image reward applied to sampled frames of ``(B, F, 3, H, W)`` videos.
+
+    Each scored frame gets its video's prompt and ``metadata`` entry (and its reference when
+    references are per video), so the wrapped reward reads task metadata as it would for images.
+    """
 
     def __init__(self, reward: Reward, frames: int | None = 8, reduce: str = "mean") -> None:
         if reduce not in _REDUCE:
@@ -68,6 +72,7 @@ class FrameReward(Reward):
         refs = references
         if isinstance(references, torch.Tensor) and references.shape[0] == b and references.ndim >= 4:
             refs = references.repeat_interleave(n, dim=0)
+        # one entry per frame: the frames of video j share its task metadata (metadata[j])
         meta = [m for m in metadata for _ in range(n)] if metadata is not None else None
         out = self.inner(flat, rep(prompts), references=refs, metadata=meta)
         scores, valid = out.scores.view(b, n), out.valid.view(b, n)

@@ -148,3 +148,84 @@ class FailsOnBright(Reward):
         if (mean > self.limit).any():
             raise RuntimeError("too bright")
         return RewardOutput(mean)
+
+
+# ---- toy-world galleries: images drawn by the toy renderer, so the shapes verdict is known ----
+
+# (prompt, a prompt the same image must fail): each second prompt names a shape its image lacks,
+# so the strict verdict is 0 whatever colours and places the renderer picked.
+TOY_CASES = [
+    ("a circle", "three squares"),
+    ("three squares", "a red triangle"),
+    ("a red triangle", "a circle and a square"),
+    ("a circle and a square", "four triangles"),
+    ("a triangle above a square", "a circle"),
+    ("a green circle and a purple triangle", "two squares"),
+]
+TOY_LAYOUTS = ("manifest", "sidecar", "geneval_fields", "geneval_folders")
+# what `visalign sample` writes besides file and prompt: file bookkeeping, never task metadata
+BOOKKEEPING = dict(model="toy-shapes", steps=20, guidance=4.5, kernel="ode")
+
+
+def geneval_metadata(prompt: str) -> dict:
+    """GenEval's metadata for a prompt of the toy grammar: ``tag``, ``include``, [``exclude``], ``prompt``."""
+    from visalign.toy.prompts import split
+
+    meta = next(m for m in split("eval") if m["prompt"] == prompt)
+    return {k: meta[k] for k in ("tag", "include", "exclude", "prompt") if k in meta}
+
+
+def toy_image(prompt: str, seed: int) -> np.ndarray:
+    """A 32 px scene satisfying ``prompt`` drawn by the toy renderer, as uint8 ``(H, W, 3)``."""
+    from visalign.toy.render import render
+
+    img = render(geneval_metadata(prompt), np.random.default_rng(seed))  # float32 (3, H, W) in [0, 1]
+    return np.rint(img.transpose(1, 2, 0) * 255).astype(np.uint8)
+
+
+def make_toy_gallery(root: Path, layout: str) -> dict[str, tuple[float, str]]:
+    """Write a toy gallery whose prompts come from ``layout``; return ``{relative path: (strict verdict, prompt_source)}``.
+
+    Every image of :data:`TOY_CASES` appears twice: with its own prompt (verdict 1) and with the
+    mismatching one (verdict 0).  Layouts:
+
+    - ``manifest``: a ``visalign sample`` manifest (file, prompt, seed and sampler settings);
+    - ``sidecar``: ``.txt`` files beside the images;
+    - ``geneval_fields``: manifest rows that also carry GenEval's ``tag`` / ``include`` / ``exclude``,
+      two of them with prompt text outside the grammar (so only the metadata can judge them), mixed
+      in one folder (and one batch) with sidecar-prompted files that have no metadata;
+    - ``geneval_folders``: GenEval's output layout, ``<NNNNN>/metadata.jsonl`` + ``<NNNNN>/samples/0000.png``.
+    """
+    if layout not in TOY_LAYOUTS:
+        raise ValueError(f"layout {layout!r}: choose one of {TOY_LAYOUTS}")
+    root.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, tuple[float, str]] = {}
+    rows = []
+    for i, (own, wrong) in enumerate(TOY_CASES):
+        img = toy_image(own, seed=i)
+        for k, (prompt, verdict) in enumerate([(own, 1.0), (wrong, 0.0)]):
+            n = 2 * i + k
+            if layout == "geneval_folders":
+                folder = root / f"{n:05d}"
+                (folder / "samples").mkdir(parents=True)
+                (folder / "metadata.jsonl").write_text(json.dumps(geneval_metadata(prompt)) + "\n")
+                name = f"{n:05d}/samples/0000.png"
+                expected[name] = (verdict, "geneval")
+            elif layout == "sidecar" or (layout == "geneval_fields" and i % 2):
+                name = f"{n:05d}.png"
+                (root / name).with_suffix(".txt").write_text(prompt + "\n")
+                expected[name] = (verdict, "sidecar")
+            else:
+                name = f"{n:05d}.png"
+                row = dict(file=name, prompt=prompt, seed=n, **BOOKKEEPING)
+                if layout == "geneval_fields":
+                    meta = geneval_metadata(prompt)
+                    row.update({key: meta[key] for key in ("tag", "include", "exclude") if key in meta})
+                    if i == 2:  # text the parser cannot read: only the GenEval fields can judge it
+                        row["prompt"] = f"GenEval prompt #{n} (free text)"
+                rows.append(row)
+                expected[name] = (verdict, "manifest")
+            Image.fromarray(img).save(root / name)
+    if rows:
+        (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return expected

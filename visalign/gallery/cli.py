@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rewards by name or spec, e.g. 'jpeg_compressibility,clipscore:model=ViT-B-32' (see `visalign rewards`)")
     p.add_argument("--out", required=True, help="results file: .jsonl, .csv or .parquet (parquet needs pyarrow)")
     p.add_argument("--report", default=None, help="write a self-contained HTML report here (and summary.json beside it)")
-    p.add_argument("--prompt", default=None, help="prompt for files that have no manifest / sidecar / mapping prompt")
+    p.add_argument("--prompt", default=None, help="prompt for files that have no manifest / GenEval metadata.jsonl / sidecar / mapping prompt")
     p.add_argument("--prompts", default=None, metavar="FILE", help="mapping file: CSV (header file,prompt) or JSONL {file, prompt}")
     p.add_argument("--references", default=None, metavar="DIR", help="reference images for rewards that need them (dino)")
     p.add_argument("--batch-size", type=int, default=8, help="files per reward call (default 8)")

@@ -1,16 +1,24 @@
-"""Find a gallery's files and the prompt (and reference) of each.
+"""Find a gallery's files, the prompt (and reference) of each, and its task metadata.
 
 Prompt sources, first match wins (docs/gallery.md):
 
 1. ``manifest.jsonl`` written by ``visalign sample`` in the file's folder or any folder above it
    up to the scanned root (``file`` is relative to the manifest's folder);
-2. a ``.txt`` sidecar with the same stem (``cat_001.png`` -> ``cat_001.txt``);
-3. the mapping file given with ``--prompts`` (CSV with a header, or JSONL), rows
+2. GenEval's output layout: ``<dir>/samples/<k>.png`` takes the prompt of ``<dir>/metadata.jsonl``
+   (one JSON line: ``prompt``, ``tag``, ``include``, ...);
+3. a ``.txt`` sidecar with the same stem (``cat_001.png`` -> ``cat_001.txt``);
+4. the mapping file given with ``--prompts`` (CSV with a header, or JSONL), rows
    ``{file|path|filename|image, prompt}``; ``file`` relative to the mapping file's folder, or a bare
    file name when that name is unique in the gallery;
-4. ``--prompt TEXT`` for every file.
+5. ``--prompt TEXT`` for every file.
 
 A file without a prompt is still scored by rewards that need none.
+
+Task metadata (``Item.task``, handed to rewards as that file's ``metadata`` entry; see the
+Reward contract in docs/rewards.md) is what the prompt asks for, never file bookkeeping: a
+manifest row's ``metadata`` object when it has one, else the row's GenEval fields (``tag``,
+``include``, ``exclude``); GenEval's ``metadata.jsonl`` line as written.  The other sources give
+none, and rewards then read the prompt.
 """
 
 from __future__ import annotations
@@ -24,10 +32,12 @@ from typing import Iterable, Sequence
 
 from .decode import IMAGE_EXTS, VIDEO_EXTS
 
-__all__ = ["GalleryUsageError", "Item", "discover", "file_key", "read_mapping"]
+__all__ = ["GalleryUsageError", "Item", "discover", "file_key", "read_mapping", "task_metadata", "GENEVAL_KEYS"]
 
 MEDIA_EXTS = IMAGE_EXTS | VIDEO_EXTS
 _FILE_COLUMNS = ("file", "path", "filename", "image")
+#: The fields of GenEval's evaluation metadata that say what an image must show.
+GENEVAL_KEYS = ("tag", "include", "exclude")
 
 
 class GalleryUsageError(ValueError):
@@ -40,9 +50,10 @@ class Item:
 
     path: str
     prompt: str | None = None
-    prompt_source: str | None = None  # "manifest" | "sidecar" | "mapping" | "cli" | None
-    meta: dict = field(default_factory=dict)  # the manifest row, when there is one
+    prompt_source: str | None = None  # "manifest" | "geneval" | "sidecar" | "mapping" | "cli" | None
+    meta: dict = field(default_factory=dict)  # the manifest row less file and prompt, bookkeeping included
     reference: str | None = None  # a per-file reference image (--references)
+    task: dict | None = None  # task metadata for rewards (task_metadata()); never bookkeeping
 
     @property
     def key(self) -> str:
@@ -86,24 +97,25 @@ def _find_files(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, Path]], l
     return found, skipped
 
 
-def _manifest(folder: Path, cache: dict[Path, dict[str, dict] | None]) -> dict[str, dict] | None:
+def _manifest(folder: Path, cache: dict[Path, dict[str, tuple[dict, str]] | None]) -> dict[str, tuple[dict, str]] | None:
+    """``{file key: (row, "manifest.jsonl:line")}`` of ``folder``'s manifest, or ``None`` without one."""
     if folder not in cache:
         m = folder / "manifest.jsonl"
-        rows: dict[str, dict] | None = None
+        rows: dict[str, tuple[dict, str]] | None = None
         if m.is_file():
             rows = {}
-            for line in m.read_text(encoding="utf-8", errors="replace").splitlines():
+            for n, line in enumerate(m.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a killed writer's last line
                 if isinstance(row, dict) and "file" in row and "prompt" in row:
-                    rows[file_key(str(folder / str(row["file"])))] = row
+                    rows[file_key(str(folder / str(row["file"])))] = (row, f"{m}:{n}")
         cache[folder] = rows
     return cache[folder]
 
 
-def _from_manifest(f: Path, root: Path, cache: dict) -> dict | None:
+def _from_manifest(f: Path, root: Path, cache: dict) -> tuple[dict, str] | None:
     folder = f.parent
     while True:
         rows = _manifest(folder, cache)
@@ -112,6 +124,60 @@ def _from_manifest(f: Path, root: Path, cache: dict) -> dict | None:
         if folder == root or folder == folder.parent or root not in folder.parents:
             return None
         folder = folder.parent
+
+
+def task_metadata(row: dict, where: str) -> dict | None:
+    """The task metadata of a manifest row: what its prompt asks for, without file bookkeeping.
+
+    Args:
+        row (`dict`): the manifest row.
+        where (`str`): the manifest file and line, for the error message.
+
+    Returns:
+        `dict` or `None`: the row's ``metadata`` object when it has one (any task keys, e.g. a
+        ``group`` label), else its GenEval fields (:data:`GENEVAL_KEYS`) present, else ``None``.
+        ``seed``, ``model`` and the other sampler settings are never part of it.
+
+    Raises:
+        GalleryUsageError: ``metadata`` is there but is not a JSON object.
+    """
+    if "metadata" in row:
+        if not isinstance(row["metadata"], dict):
+            raise GalleryUsageError(
+                f"{where}: 'metadata' must be a JSON object of task metadata (e.g. {{\"tag\": ..., \"include\": [...]}}), "
+                f"got {row['metadata']!r}; fix the row or drop the field"
+            )
+        return dict(row["metadata"])
+    task = {k: row[k] for k in GENEVAL_KEYS if k in row}
+    return task or None
+
+
+def _geneval(f: Path, cache: dict[Path, dict | None]) -> dict | None:
+    """The ``metadata.jsonl`` line of GenEval's layout ``<dir>/samples/<file>`` for ``f``, else ``None``."""
+    if f.parent.name != "samples":
+        return None
+    meta_file = f.parent.parent / "metadata.jsonl"
+    if meta_file not in cache:
+        line = None
+        if meta_file.is_file():
+            text = meta_file.read_text(encoding="utf-8", errors="replace")
+            line = next((ln for ln in text.splitlines() if ln.strip()), None)
+        if line is None:
+            cache[meta_file] = None
+        else:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise GalleryUsageError(
+                    f"{meta_file}: not JSON ({err.msg}); GenEval's layout has one JSON line with 'prompt', 'tag', "
+                    "'include', ... (fix or remove the file)"
+                ) from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise GalleryUsageError(
+                    f"{meta_file}: the line must be a JSON object with a 'prompt' string (GenEval's layout), got {line[:120]!r}"
+                )
+            cache[meta_file] = row
+    return cache[meta_file]
 
 
 def read_mapping(path: str | Path) -> dict[str, str]:
@@ -192,7 +258,9 @@ def discover(
 ) -> tuple[list[Item], list[str], list[str]]:
     """The gallery's items in a stable order, the skipped non-media paths, and the shared reference set.
 
-    Raises :class:`GalleryUsageError` for a missing path, mapping file or reference folder.
+    Raises :class:`GalleryUsageError` for a missing path, mapping file or reference folder, a
+    manifest row whose ``metadata`` is not an object, or a GenEval ``metadata.jsonl`` that is not
+    one JSON object with a ``prompt``.
     """
     if not paths:
         raise GalleryUsageError("no PATH given: pass image/video files or folders to score")
@@ -204,15 +272,22 @@ def discover(
     if references is not None:
         per_ref, shared_refs = _references(Path(references), files)
     cache: dict = {}
+    geneval_cache: dict = {}
     items = []
     for f, root in files:
         key = file_key(str(f))
         item = Item(path=str(f), reference=per_ref.get(key))
-        row = _from_manifest(f, root, cache)
+        found = _from_manifest(f, root, cache)
+        row, where = found if found is not None else (None, "")
+        geneval = _geneval(f, geneval_cache) if row is None else None
         sidecar = f.with_suffix(".txt")
         if row is not None:
             item.prompt, item.prompt_source = str(row["prompt"]), "manifest"
             item.meta = {k: v for k, v in row.items() if k not in ("file", "prompt")}
+            item.task = task_metadata(row, where)
+        elif geneval is not None:
+            item.prompt, item.prompt_source = geneval["prompt"], "geneval"
+            item.task = dict(geneval)
         elif sidecar.is_file():
             item.prompt, item.prompt_source = sidecar.read_text(encoding="utf-8", errors="replace").strip(), "sidecar"
         elif key in mapping:

@@ -7,9 +7,12 @@ Row layout (the same for JSONL, CSV and Parquet):
 - per reward ``R``: ``R`` (the score, ``None`` when invalid), ``R.valid`` (bool), and one
   ``R.<component>`` column per component; per-sample string/number extras as ``R.<extra>``.
 
-Videos (``(B, F, 3, H, W)``) given to an image-only reward are scored as the mean over 8 evenly
-spaced frames (:func:`visalign.rewards.video_frames`).  A reward that raises on a batch is retried one file at a time, so one bad file cannot take its
-batch down; the files that still fail carry ``error_reason = "reward_error"``.
+Each reward gets the files' prompts and, as ``metadata``, their task metadata (``Item.task``:
+GenEval fields or a manifest's ``metadata`` object; ``None`` for a file without), never the
+manifest's bookkeeping.  Videos (``(B, F, 3, H, W)``) given to an image-only reward are scored
+as the mean over 8 evenly spaced frames (:func:`visalign.rewards.video_frames`).  A reward that
+raises on a batch is retried one file at a time, so one bad file cannot take its batch down;
+the files that still fail carry ``error_reason = "reward_error"``.
 """
 
 from __future__ import annotations
@@ -164,7 +167,10 @@ class Scorer:
             for i in idx:
                 _add_error(rows[i], "reward_error", f"reward {name}: needs reference images (pass --references DIR)")
             return
-        meta = [{"path": it.path, "prompt": it.prompt, **it.meta} for it in items]
+        # The contract's metadata: each file's task metadata (discover.task_metadata), never its
+        # bookkeeping (path, seed, model), which a reward could mistake for its own format.
+        tasks = [it.task for it in items]
+        meta = tasks if any(t is not None for t in tasks) else None
         out = reward(images, prompts if "prompts" in needs else None, references=refs, metadata=meta)
         _fill(rows, idx, name, out)
 
