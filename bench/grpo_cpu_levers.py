@@ -26,17 +26,17 @@ import torch  # noqa: E402
 from grpo_overhead import toy_setup  # noqa: E402  (bench/ is the script's folder)
 
 from visalign.rewards import load as load_reward  # noqa: E402
-from visalign.trainers import GRPOConfig, GRPOTrainer, RunSettings  # noqa: E402
-from visalign.trainers.common.data import load_prompts  # noqa: E402
+from visalign.prompts import load_prompts  # noqa: E402
+from visalign.trainers import GRPOConfig, GRPOTrainer, NFTConfig, NFTTrainer, RunSettings  # noqa: E402
 
 BASE = dict(group_size=8, prompts_per_iteration=4, num_steps=10, guidance_scale=3.0, kernel="flow_sde", noise_level=0.7,
-            clip_range=1e-3, kl_beta=0.004, learning_rate=3e-4, train_batch_size=32, ema_decay=0.0)
+            clip_range=1e-3, kl_beta=0.04, learning_rate=3e-4, train_batch_size=32, ema_decay=0.0)
 VARIANTS = {
     "all steps": (dict(sde_mode="all"), dict(cache_prompt_embeddings=False)),
     "+ window 3": (dict(sde_mode="random", sde_window_size=3), dict(cache_prompt_embeddings=False)),
     "+ cached prompts": (dict(sde_mode="random", sde_window_size=3), dict(cache_prompt_embeddings=True)),
     "+ bf16 autocast": (dict(sde_mode="random", sde_window_size=3), dict(cache_prompt_embeddings=True)),
-    "nft (ODE rollouts, 2 levels)": (dict(objective="nft", nft_timesteps=2), dict(cache_prompt_embeddings=True)),
+    "nft (ODE rollouts, 2 levels)": (dict(timesteps=2), dict(cache_prompt_embeddings=True)),
 }
 
 
@@ -63,6 +63,11 @@ def main() -> None:
     for name, (grpo, run) in VARIANTS.items():
         settings = RunSettings(run_dir=tempfile.mkdtemp(), progress=False, save_sample_grid=False, **run)
         acc = _Bf16(next(iter(trainers.values())).acc) if "bf16" in name else None
+        if name.startswith("nft"):  # its own algorithm: the rollout geometry and optimiser of BASE
+            nft_base = {k: v for k, v in BASE.items() if k in NFTConfig.__dataclass_fields__ and k != "kl_beta"}
+            trainers[name] = NFTTrainer(sampler, {"shapes": (reward, 1.0)}, NFTConfig(**nft_base, **grpo),
+                                        train_prompts=prompts, run=settings, trainable=params, accelerator=acc)
+            continue
         trainers[name] = GRPOTrainer(sampler, {"shapes": (reward, 1.0)}, GRPOConfig(**BASE, **grpo),
                                      train_prompts=prompts, run=settings, trainable=params, accelerator=acc)
         trainers[name].step()  # warm-up
@@ -72,7 +77,7 @@ def main() -> None:
             t0 = time.perf_counter()
             row = tr.step()
             times[name].append({"total": time.perf_counter() - t0, "rollout": row["time/rollout"],
-                                "train": row["time/train"], "trained": row["trained_steps"]})
+                                "train": row["time/train"]})
     print(f"toy-shapes UNet, {BASE['prompts_per_iteration']} prompts x {BASE['group_size']}, {BASE['num_steps']} steps, "
           f"{args.threads} threads, median of {args.iterations}; CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print("| variant | rollout s | train s | iteration s | vs all steps |")

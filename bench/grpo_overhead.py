@@ -24,14 +24,14 @@ import torch  # noqa: E402
 import visalign.samplers as vs  # noqa: E402
 from visalign.rewards import load as load_reward  # noqa: E402
 from visalign.trainers import GRPOConfig, GRPOTrainer, LoraSettings, RunSettings  # noqa: E402
-from visalign.trainers.common.data import load_prompts  # noqa: E402
+from visalign.prompts import load_prompts  # noqa: E402
 from visalign.trainers.common.lora import add_lora  # noqa: E402
 
 
-def model_only(trainer: GRPOTrainer, batch: dict) -> dict[str, float]:
+def model_only(trainer: GRPOTrainer, batch) -> dict[str, float]:
     """The denoiser calls of one iteration, with the iteration's own shapes, timed."""
     s, c = trainer.sampler, trainer.config
-    traj = batch["traj"]
+    traj = batch.traj
     n = traj.latents.shape[0]
     cond = traj.cond
     both = {k: torch.cat([cond.neg[k], cond.pos[k]]) for k in cond.pos}
@@ -42,7 +42,7 @@ def model_only(trainer: GRPOTrainer, batch: dict) -> dict[str, float]:
             s._model(torch.cat([x, x]), traj.schedule.timesteps[i], both, c.guidance_scale)
     t1 = time.perf_counter()
     steps = trainer._trained_steps(traj, torch.Generator().manual_seed(0))
-    kept = int(batch["keep"].sum())
+    kept = int(batch.keep.sum())
     for m0 in range(0, kept, c.train_batch_size):
         b = min(c.train_batch_size, kept - m0)
         xb = traj.latents[:b, 0]
@@ -82,7 +82,7 @@ def toy_setup(description: str):
 def main() -> None:
     args, sampler, params = toy_setup(__doc__.splitlines()[0])
     cfg = GRPOConfig(group_size=8, prompts_per_iteration=4, num_steps=10, guidance_scale=3.0, kernel="flow_sde",
-                     noise_level=0.7, sde_mode="random", sde_window_size=3, clip_range=1e-3, kl_beta=0.004,
+                     noise_level=0.7, sde_mode="random", sde_window_size=3, clip_range=1e-3, kl_beta=0.04,
                      learning_rate=1e-3, train_batch_size=16, ema_decay=0.0)
     run = RunSettings(run_dir=tempfile.mkdtemp(), progress=False, save_sample_grid=False)
     trainer = GRPOTrainer(sampler, {"shapes": (load_reward("shapes"), 1.0)}, cfg, train_prompts=load_prompts("toy:train"),
@@ -95,7 +95,8 @@ def main() -> None:
         train = trainer.update(batch, trainer.iteration)
         trainer.iteration += 1
         total = time.perf_counter() - t0
-        rows.append({"total": total, "rollout": batch["stats"]["time/rollout"], "reward": batch["stats"]["time/reward"],
+        t = batch.rollout.timings
+        rows.append({"total": total, "rollout": t["rollout"] + t["decode"], "reward": t["reward"],
                      "train": train["time/train"]})
         refs.append(model_only(trainer, batch))
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}

@@ -1,6 +1,6 @@
 """Weight-free detectors of known reward hacks, for use as penalties.
 
-Reward models are hacked in recognisable ways (shared/REFERENCE.md, "Known hacking"): aesthetic
+Reward models are hacked in recognisable ways (docs/rewards.md, "Known hacks"): aesthetic
 and PickScore/HPS push towards over-saturated colours and blown or crushed exposure, HPS/PickScore
 towards grid-like periodic textures, OCR rewards towards blank dark backgrounds.  Each detector
 here returns a per-image penalty in ``[0, 1]`` (0 = clean) as a component; the reward's score is

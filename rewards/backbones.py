@@ -260,7 +260,7 @@ def _processor_spec(path: str, default: PreprocessSpec) -> PreprocessSpec:
 
 
 def _check_tokenizer(tokenizer: Any, vocab_size: int, what: str) -> None:
-    # An offline hub lookup can yield a 2-token stub instead of an error (shared/REFERENCE.md).
+    # An offline hub lookup can yield a 2-token stub instead of an error (transformers 5; seen in practice).
     n = len(tokenizer)
     if n <= 2 or n > vocab_size:
         raise ValueError(

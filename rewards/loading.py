@@ -1,6 +1,6 @@
 """Weight loading for reward models: strict, no unpickling, offline-aware errors.
 
-Rules (shared/DESIGN.md, "Reward contract"): weights come from a hub id or a local path; state
+Rules (docs/rewards.md and docs/architecture.md): weights come from a hub id or a local path; state
 dicts are read with ``safetensors`` or ``torch.load(weights_only=True)``; they are loaded
 **strictly** (a missing or unexpected key is an error that lists the keys); when a file is not
 there and the machine is offline, the error names the id and says where to put the files.

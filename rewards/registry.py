@@ -2,7 +2,7 @@
 
 Each entry names the module and class that build the reward, so importing
 ``visalign.rewards`` imports no model code: open_clip / transformers load only when a reward
-that needs them is built (STYLE.md, "Heavy imports are lazy").
+that needs them is built (importing ``visalign.rewards`` loads no model code).
 """
 
 from __future__ import annotations

@@ -84,3 +84,40 @@ def test_rewards_catalogue_lists_rewards(capsys):
     assert main(["rewards", "--json"]) == 0
     names = {r["name"] for r in json.loads(capsys.readouterr().out)}
     assert {"aesthetic", "clipscore"} <= names
+
+
+def test_planned_commands_say_so_and_real_import_errors_surface(capsys, monkeypatch):
+    """`steer` is named as planned; a command whose visalign module fails to import shows that
+    ImportError (a broken install or a bug), not "not implemented"."""
+    from visalign import cli
+
+    assert main(["steer", "--model", "toy-shapes"]) == 2
+    assert "not implemented in this version" in capsys.readouterr().err
+    monkeypatch.setitem(cli.COMMANDS, "score", ("score", *cli._delegate("visalign.gallery.no_such_module")))
+    with pytest.raises(ModuleNotFoundError, match="visalign.gallery.no_such_module"):
+        main(["score", "x.png"])
+
+
+def test_threads_setting(monkeypatch):
+    """run.threads / --threads: an explicit number wins; auto uses the cores other processes leave."""
+    from visalign import threads
+
+    before = torch.get_num_threads()
+    try:
+        assert threads.configure_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(threads, "busy_cores", lambda window=0.25: 1.1)  # another process holds a core
+        assert threads.configure_threads(None) == 1
+        monkeypatch.setattr(threads, "busy_cores", lambda window=0.25: 0.05)  # idle: every core
+        assert threads.configure_threads(None) == 2
+        monkeypatch.setattr(threads, "busy_cores", lambda window=0.25: None)  # unknown: torch's default
+        assert threads.configure_threads(None) == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's own choice is kept
+        monkeypatch.setattr(threads, "busy_cores", lambda window=0.25: 0.0)
+        torch.set_num_threads(1)
+        assert threads.configure_threads(None) == 1
+        with pytest.raises(ValueError, match="threads must be >= 1"):
+            threads.configure_threads(0)
+    finally:
+        torch.set_num_threads(before)

@@ -21,3 +21,16 @@ class Brightness(Reward):
             s = s.clone()
             s[:: self.nan_every] = float("nan")
         return RewardOutput(s, components={"bright": s.detach()})
+
+
+class MetadataRecorder(Reward):
+    """Scores 0 and records the ``metadata`` argument that reached ``score`` (contract tests)."""
+
+    info = RewardInfo("recorder")
+
+    def __init__(self):
+        self.seen = []
+
+    def score(self, images, prompts, references, metadata):
+        self.seen.append(metadata)
+        return RewardOutput(images.new_zeros(images.shape[0]))

@@ -1,16 +1,23 @@
 """Training and steering algorithms (imported as ``visalign.trainers``).
 
 Heavy modules load on first use: ``from visalign.trainers import GRPOTrainer`` imports torch and
-accelerate, not the reward models.
+accelerate, not the reward models.  Algorithms are registered by name in
+:mod:`visalign.trainers.registry`; every trainer stands on :class:`Trainer` (``trainers/base.py``).
 """
 
 from __future__ import annotations
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "RunSettings", "LoraSettings", "TrainRecipe", "build_trainer", "load_recipe"]
+__all__ = ["Trainer", "OptimConfig", "TrainingStopped", "GRPOConfig", "GRPOTrainer", "NFTConfig", "NFTTrainer",
+           "RunSettings", "LoraSettings", "TrainRecipe", "build_trainer", "load_recipe", "registry"]
 
 _LAZY = {
+    "Trainer": ".base",
+    "OptimConfig": ".base",
+    "TrainingStopped": ".base",
     "GRPOConfig": ".grpo.config",
     "GRPOTrainer": ".grpo.trainer",
+    "NFTConfig": ".nft.config",
+    "NFTTrainer": ".nft.trainer",
     "RunSettings": ".common.run",
     "LoraSettings": ".common.lora",
     "TrainRecipe": ".recipe",
@@ -20,8 +27,10 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name == "registry":
+        return importlib.import_module(".registry", __name__)
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'visalign.trainers' has no attribute {name!r}")

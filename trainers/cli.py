@@ -15,12 +15,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not train: write the LoRA of a checkpoint of RUN_DIR to RUN_DIR/export/iter_N "
                         "(the newest, or --iteration N); pass the run's CONFIG and overrides")
     p.add_argument("--iteration", type=int, default=None, help="with --export: the checkpoint's iteration")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: run.threads, else auto: the cores other processes leave "
+                        "free); 1 is fastest when another busy process shares a small machine")
 
 
 def run(args) -> int:
     from visalign.config import ConfigError
+    from visalign.threads import configure_threads
 
-    from .grpo.trainer import TrainingStopped
+    from .base import TrainingStopped
     from .recipe import build_trainer, load_recipe
 
     overrides = list(args.overrides)
@@ -32,8 +36,11 @@ def run(args) -> int:
         return 2
     if args.resume or args.export:
         overrides.append(f"run.run_dir={args.resume or args.export}")
+    if args.threads is not None:
+        overrides.append(f"run.threads={args.threads}")
     try:
         recipe = load_recipe(args.config, overrides)
+        configure_threads(recipe.run.threads, recipe.model.device)
         trainer = build_trainer(recipe)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"visalign train: error: {err}", file=sys.stderr)
@@ -47,7 +54,10 @@ def run(args) -> int:
         print(f"wrote {out} (iteration {trainer.iteration}); evaluate it with --lora {out}")
         return 0
     if trainer.acc.is_main_process:
-        print(f"visalign train: {recipe.model.name}, processes: {trainer.acc.num_processes}, run folder {recipe.run.run_dir}")
+        import torch
+
+        print(f"visalign train: {recipe.algorithm} on {recipe.model.name}, processes: {trainer.acc.num_processes}, "
+              f"threads: {torch.get_num_threads()}, run folder {recipe.run.run_dir}")
     if args.resume:
         if not trainer.resume(args.resume):
             print(f"visalign train: error: no checkpoint in {args.resume}/checkpoints to resume from", file=sys.stderr)

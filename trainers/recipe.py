@@ -1,13 +1,13 @@
 """Training recipes: one YAML file -> a typed :class:`TrainRecipe` -> a ready trainer.
 
 ```yaml
-algorithm: grpo
+algorithm: grpo                     # a registered algorithm (visalign.trainers.registry)
 model: {name: toy-shapes, dtype: float32, device: cpu}
 data: {train: toy:train, eval: toy:eval, eval_max_prompts: 64}
 rewards: {shapes: 1.0}              # trained on: name or spec -> weight
 eval_rewards: [shapes, artifact]    # evaluated (may include rewards not trained on)
 lora: {rank: 8, alpha: 16}          # null = full fine-tuning
-grpo: {group_size: 8, ...}          # GRPOConfig
+grpo: {group_size: 8, ...}          # the algorithm's config, under its own name
 run: {run_dir: runs/toy, iterations: 60, ...}   # RunSettings
 ```
 """
@@ -17,11 +17,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from visalign.config import load_config
+from visalign.config import ConfigError, apply_overrides, from_dict, read_yaml
 
+from . import registry
 from .common.lora import LoraSettings
 from .common.run import RunSettings
-from .grpo.config import GRPOConfig
 
 __all__ = ["TrainRecipe", "ModelSection", "DataSection", "build_trainer", "load_recipe"]
 
@@ -43,7 +43,8 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    #: toy:train, a .txt (one prompt per line) or a .jsonl (prompt [+ GenEval metadata]) file
+    #: prompt source (visalign.prompts): toy:train, a .txt (one prompt per line), a .jsonl or .json
+    #: (prompt [+ task metadata such as GenEval's tag / include]) file
     train: str = "toy:train"
     eval: str | None = "toy:eval"
     #: evaluate on the first N eval prompts (None = all)
@@ -55,6 +56,8 @@ class DataSection:
 
 @dataclass
 class TrainRecipe:
+    #: the algorithm (`visalign train --list` / visalign.trainers.registry); its settings go under
+    #: a section of the same name
     algorithm: str = "grpo"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -63,14 +66,31 @@ class TrainRecipe:
     #: options passed to every reward (device, dtype, model paths), e.g. {device: cuda}
     reward_options: dict[str, Any] = field(default_factory=dict)
     lora: LoraSettings | None = field(default_factory=LoraSettings)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     run: RunSettings = field(default_factory=RunSettings)
+    #: the algorithm's config (built from the section named like the algorithm)
+    config: Any = None
 
-    def __post_init__(self) -> None:
-        if self.algorithm != "grpo":
-            raise ValueError(f"algorithm {self.algorithm!r} is not available yet; this version trains 'grpo'")
-        if not self.rewards:
-            raise ValueError("rewards: give at least one reward to train on, e.g. {shapes: 1.0}")
+
+def load_recipe(path, overrides=()) -> TrainRecipe:
+    """Read a recipe, apply ``key=value`` overrides and build the typed recipe; the algorithm's
+    section is checked against its registered config class."""
+    data = apply_overrides(read_yaml(path), overrides)
+    name = data.pop("algorithm", "grpo")
+    try:
+        algo = registry.get(str(name))
+    except ValueError as err:
+        raise ConfigError(f"algorithm: {err}") from None
+    others = [k for k in data if k != algo.name and k in {a.name for a in registry.available()}]
+    if others:
+        raise ConfigError(f"section {others[0]!r} belongs to algorithm {others[0]!r} but this recipe's algorithm is "
+                          f"{algo.name!r}: rename the section to {algo.name!r} or set algorithm: {others[0]}")
+    if "config" in data:
+        raise ConfigError(f"unknown key 'config': put the algorithm's settings under '{algo.name}:'")
+    section = data.pop(algo.name, None) or {}
+    recipe = from_dict(TrainRecipe, data)
+    recipe.algorithm = algo.name
+    recipe.config = from_dict(algo.config_class, section, where=algo.name)
+    return recipe
 
 
 def _load_reward(spec: str, shared: dict):
@@ -84,23 +104,22 @@ def _load_reward(spec: str, shared: dict):
     return vr.load(spec, **opts)
 
 
-def load_recipe(path, overrides=()) -> TrainRecipe:
-    return load_config(path, TrainRecipe, overrides)
-
-
 def build_trainer(recipe: TrainRecipe, accelerator=None):
-    """Load the model and rewards of a recipe and return a GRPOTrainer."""
-    import visalign.rewards as vr
-    import visalign.samplers as vs
-
-    from .common.data import load_prompts
-    from .common.lora import add_lora
-    from .grpo.trainer import GRPOTrainer
-
-    m = recipe.model
-    sampler = vs.load(m.name, dtype=m.dtype, device=m.device, **m.options)
+    """Load the model, LoRA, rewards and prompts of a recipe and return its algorithm's trainer."""
     import torch
 
+    import visalign.samplers as vs
+    from visalign.prompts import load_prompts
+
+    from .common.data import balance
+    from .common.lora import add_lora
+
+    algo = registry.get(recipe.algorithm)
+    trainer_cls = algo.trainer_class
+    if getattr(trainer_cls, "needs_rewards", False) and not recipe.rewards:
+        raise ValueError(f"rewards: algorithm {recipe.algorithm!r} trains on rewards; give at least one, e.g. {{shapes: 1.0}}")
+    m = recipe.model
+    sampler = vs.load(m.name, dtype=m.dtype, device=m.device, **m.options)
     torch.manual_seed(recipe.run.seed)  # LoRA's A matrices: the same on every process
     trainable = add_lora(sampler, recipe.lora) if recipe.lora is not None else None
     rewards = {spec: (_load_reward(spec, recipe.reward_options), w) for spec, w in recipe.rewards.items()}
@@ -108,13 +127,11 @@ def build_trainer(recipe: TrainRecipe, accelerator=None):
                     for spec in recipe.eval_rewards}
     train = load_prompts(recipe.data.train)
     if recipe.data.balance_by:
-        from .common.data import balance
-
         train = balance(train, recipe.data.balance_by)
     evals = load_prompts(recipe.data.eval)[: recipe.data.eval_max_prompts] if recipe.data.eval else []
-    return GRPOTrainer(sampler, rewards, recipe.grpo, train_prompts=train, eval_prompts=evals,
-                       eval_rewards=eval_rewards, run=recipe.run, trainable=trainable, accelerator=accelerator,
-                       log_config={"model": asdict(recipe.model), "data": asdict(recipe.data),
-                                   "rewards": recipe.rewards, "eval_rewards": recipe.eval_rewards,
-                                   "lora": asdict(recipe.lora) if recipe.lora else None},
-                       size={k: v for k, v in (("height", m.height), ("width", m.width)) if v})
+    log = {"model": asdict(recipe.model), "data": asdict(recipe.data), "rewards": recipe.rewards,
+           "eval_rewards": recipe.eval_rewards, "lora": asdict(recipe.lora) if recipe.lora else None}
+    return trainer_cls.from_parts(
+        sampler, recipe.config, rewards=rewards, train_prompts=train, eval_prompts=evals, eval_rewards=eval_rewards,
+        run=recipe.run, trainable=trainable, accelerator=accelerator, log_config=log,
+        size={k: v for k, v in (("height", m.height), ("width", m.width)) if v})

@@ -39,11 +39,14 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
     p.add_argument("--video-format", default="gif", choices=["gif", "mp4"])
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default auto: the cores other processes leave free)")
 
 
 def _run_sample(args) -> int:
     from .sample import SampleSettings, read_prompts, sample_to_folder
     from .samplers import ModelNotFoundError, load
+    from .threads import configure_threads
 
     try:
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
@@ -51,6 +54,10 @@ def _run_sample(args) -> int:
         raise UsageError(str(err)) from None
     if args.num_images < 1 or args.batch_size < 1:
         raise UsageError("--num-images and --batch-size must be at least 1")
+    try:
+        configure_threads(args.threads, args.device)
+    except ValueError as err:
+        raise UsageError(f"--threads: {err}") from None
     try:
         sampler = load(args.model, dtype=args.dtype, device=args.device)
     except ModelNotFoundError as err:
@@ -106,11 +113,28 @@ def _delegate(module: str) -> tuple[Callable, Callable]:
     return add, run
 
 
+#: commands this version names but does not have yet: they say so instead of failing on an import
+PLANNED: dict[str, str] = {
+    "steer": "inference-time steering (FK particles, reward guidance, best-of-N) is planned for the next version",
+}
+
+
+def _planned(name: str) -> tuple[Callable, Callable]:
+    def add(p: argparse.ArgumentParser) -> None:
+        pass
+
+    def run(args) -> int:
+        print(f"visalign {name}: not implemented in this version of visalign yet: {PLANNED[name]}.", file=sys.stderr)
+        return 2
+
+    return add, run
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "sample": ("generate images or videos with any model", _add_sample, _run_sample),
     "score": ("score a gallery of images or videos with rewards", *_delegate("visalign.gallery.cli")),
     "train": ("fine-tune a model against rewards (GRPO / DPO / reward backprop)", *_delegate("visalign.trainers.cli")),
-    "steer": ("inference-time steering (planned: FK particles, reward guidance, best-of-N)", *_delegate("visalign.trainers.steer_cli")),
+    "steer": ("inference-time steering (planned: FK particles, reward guidance, best-of-N)", *_planned("steer")),
     "rewards": ("list the reward models with inputs, range, gradient and licence", _add_rewards, _run_rewards),
     "toy": ("the shapes toy world: pretrain the base model, evaluate a model or LoRA", *_delegate("visalign.toy.cli")),
 }
@@ -124,15 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add, _run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            add(p)
-        except ModuleNotFoundError:
-            p.set_defaults(_unavailable=True)
+        add(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PLANNED:  # whatever its arguments: say what is planned
+        return COMMANDS[argv[0]][2](None)
     # Only the chosen subcommand's module is imported to build its arguments.
     if argv and argv[0] in COMMANDS and argv[0] not in ("-h", "--help"):
         parser = argparse.ArgumentParser(prog="visalign")
@@ -143,11 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             add(p)
         except ModuleNotFoundError as err:
-            if err.name and err.name.startswith("visalign."):
-                print(f"visalign {name}: not implemented in this version of visalign yet.", file=sys.stderr)
-            else:
-                print(f"visalign {name}: a dependency is missing ({err}); reinstall with `pip install -e .`",
-                      file=sys.stderr)
+            if err.name and (err.name == "visalign" or err.name.startswith("visalign.")):
+                raise  # a broken installation or a bug: show the real import error, never "not implemented"
+            print(f"visalign {name}: a dependency is missing ({err}); reinstall with `pip install .`",
+                  file=sys.stderr)
             return 2
     else:
         parser = build_parser()

@@ -23,7 +23,7 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "apply_overrides", "save_config"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "read_yaml", "apply_overrides", "save_config"]
 
 T = TypeVar("T")
 
@@ -156,8 +156,8 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, cls: type[T], overrides: Sequence[str] = ()) -> T:
-    """Read a YAML recipe (or start from defaults when ``path`` is None), apply overrides, build ``cls``."""
+def read_yaml(path: str | Path | None) -> dict:
+    """The mapping in a YAML recipe (``{}`` for ``None``); errors name the file and what is wrong."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -169,8 +169,12 @@ def load_config(path: str | Path | None, cls: type[T], overrides: Sequence[str] 
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
-    data = apply_overrides(data, overrides)
-    return from_dict(cls, data)
+    return data
+
+
+def load_config(path: str | Path | None, cls: type[T], overrides: Sequence[str] = ()) -> T:
+    """Read a YAML recipe (or start from defaults when ``path`` is None), apply overrides, build ``cls``."""
+    return from_dict(cls, apply_overrides(read_yaml(path), overrides))
 
 
 def save_config(obj: Any, path: str | Path) -> None:

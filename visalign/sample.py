@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,31 +10,9 @@ from typing import Sequence
 import torch
 
 from .io import JsonlAppender, atomic_write
+from .prompts import read_prompts
 
 __all__ = ["sample_to_folder", "save_image", "save_video", "read_prompts"]
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a ``.txt`` (one per line), ``.jsonl`` (``prompt`` field) or ``.json`` list file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {str(path)!r} not found")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        prompts = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                if "prompt" not in row:
-                    raise ValueError(f"{path}:{n}: a JSONL prompts file needs a 'prompt' field in every row")
-                prompts.append(str(row["prompt"]))
-    elif path.suffix == ".json":
-        prompts = [str(p) for p in json.loads(text)]
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts file {str(path)!r} holds no prompts")
-    return prompts
 
 
 def _to_uint8(image: torch.Tensor):
@@ -93,10 +70,10 @@ class SampleSettings:
 def sample_to_folder(sampler, prompts: Sequence[str], out: str | Path, settings: SampleSettings, progress: bool = True) -> list[dict]:
     """Generate ``num_images`` per prompt; image ``k`` of prompt ``j`` uses seed ``seed + j * num_images + k``.
 
-    Files are written atomically; ``manifest.jsonl`` gets one row per file, appended per batch.
-    Returns the manifest rows.
+    Generation goes through the shared collect step; each batch's files are written atomically as
+    it comes and ``manifest.jsonl`` gets one row per file, appended per batch.  Returns the rows.
     """
-    from tqdm.auto import tqdm
+    from .samplers import collect
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,19 +83,11 @@ def sample_to_folder(sampler, prompts: Sequence[str], out: str | Path, settings:
     ext = settings.video_format if sampler.is_video else "png"
     rows: list[dict] = []
     sizes = {k: v for k, v in dict(height=settings.height, width=settings.width, num_frames=settings.num_frames).items() if v}
-    with JsonlAppender(out / "manifest.jsonl") as manifest, tqdm(total=len(jobs), desc="sampling", unit="img", disable=not progress) as bar:
-        for start in range(0, len(jobs), settings.batch_size):
-            batch = jobs[start : start + settings.batch_size]
-            seeds = [settings.seed + j * settings.num_images + k for j, k, _ in batch]
-            gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-            with torch.no_grad():
-                traj = sampler.rollout(
-                    [p for _, _, p in batch], num_steps=steps, guidance_scale=guidance, kernel=settings.kernel,
-                    generator=gens, record_means=False, **sizes,
-                )
-                media = sampler.decode(traj.final)
+    with JsonlAppender(out / "manifest.jsonl") as manifest:
+
+        def write(start: int, batch) -> None:
             batch_rows = []
-            for (j, k, prompt), seed, item in zip(batch, seeds, media):
+            for (j, k, prompt), seed, item in zip(jobs[start : start + len(batch)], batch.seeds, batch.images):
                 name = f"{j:05d}_{k:03d}_{_slug(prompt)}.{ext}"
                 if sampler.is_video:
                     save_video(item, out / name)
@@ -128,5 +97,8 @@ def sample_to_folder(sampler, prompts: Sequence[str], out: str | Path, settings:
                                        guidance=guidance, kernel=settings.kernel))
             manifest.write(batch_rows)
             rows.extend(batch_rows)
-            bar.update(len(batch))
+
+        collect(sampler, [p for _, _, p in jobs], num_steps=steps, guidance_scale=guidance, kernel=settings.kernel,
+                seeds=[settings.seed + j * settings.num_images + k for j, k, _ in jobs], batch_size=settings.batch_size,
+                keep_images=False, on_batch=write, progress="sampling" if progress else False, size=sizes)
     return rows

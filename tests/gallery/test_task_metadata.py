@@ -16,6 +16,7 @@ from visalign.gallery import GalleryUsageError, score
 from visalign.gallery.discover import discover
 from visalign.gallery.writers import read_results
 from visalign.rewards import Reward, RewardInfo, RewardOutput
+from tests_support import MetadataRecorder
 
 
 @pytest.mark.parametrize("layout", TOY_LAYOUTS)
@@ -44,17 +45,7 @@ def test_shapes_scores_a_toy_gallery_through_the_cli(tmp_path, capsys, layout):
         assert sorted(r["shapes.strict"] for r in free) == [0.0, 1.0]
 
 
-class Recorder(Reward):
-    """Scores 0 and records every metadata argument it gets."""
-
-    info = RewardInfo("recorder")
-
-    def __init__(self):
-        self.seen = []
-
-    def score(self, images, prompts, references, metadata):
-        self.seen.append(metadata)
-        return RewardOutput(images.new_zeros(images.shape[0]))
+Recorder = MetadataRecorder
 
 
 def test_bookkeeping_never_reaches_rewards(gallery):

@@ -5,21 +5,12 @@ import torch
 
 from visalign import rewards as R
 from visalign.rewards import Reward, RewardInfo, RewardOutput, sample_metadata
+from tests_support import MetadataRecorder
 
 X = torch.zeros(4, 3, 8, 8)
 
 
-class Recorder(Reward):
-    """Scores 0 and records the metadata that reached ``score``."""
-
-    info = RewardInfo("recorder")
-
-    def __init__(self):
-        self.seen = []
-
-    def score(self, images, prompts, references, metadata):
-        self.seen.append(metadata)
-        return RewardOutput(torch.zeros(images.shape[0]))
+Recorder = MetadataRecorder
 
 
 def test_sample_metadata_gives_one_dict_per_sample():

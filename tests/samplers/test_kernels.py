@@ -1,4 +1,4 @@
-"""Kernels against the REFERENCE.md formulas, computed independently here in float64."""
+"""Kernels against the published formulas (docs/samplers.md, docs/grpo.md), computed independently here in float64."""
 
 import math
 

@@ -38,9 +38,12 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.unet.config.in_channels == 12 and loaded.unet.config.sample_size == 16
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(M.from_latent(M.to_latent(x)), x) and M.to_latent(x).shape == (2, 12, 16, 16)
-    with torch.no_grad():
-        a = M.sample(loaded, ["a red circle", ""], num_steps=2, generator=torch.Generator().manual_seed(0))
-        b = M.sample(model, ["a red circle", ""], num_steps=2, generator=torch.Generator().manual_seed(0))
+    from visalign.samplers.families.toy import ToySampler
+
+    a = ToySampler(loaded).generate(["a red circle", ""], num_steps=2, guidance_scale=3.0,
+                                    generator=torch.Generator().manual_seed(0))
+    b = ToySampler(model).generate(["a red circle", ""], num_steps=2, guidance_scale=3.0,
+                                   generator=torch.Generator().manual_seed(0))
     assert a.shape == (2, 3, 32, 32) and torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
     with pytest.raises(FileNotFoundError, match="no toy-shapes model"):
         M.load(tmp_path / "missing")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from visalign.trainers import GRPOConfig
-from visalign.trainers.grpo.advantages import group_advantages
-from visalign.trainers.grpo.trainer import TrainingStopped
+from visalign.trainers.common.advantages import group_advantages
+from visalign.trainers import TrainingStopped
 
 from tests_support import Brightness
 
@@ -39,7 +39,9 @@ def test_accumulation_equals_big_batch(make_trainer):
     ra, rb = a.step(), b.step()
     assert ra["optimizer_steps"] == rb["optimizer_steps"] == 2
     assert torch.allclose(lora_vector(a), lora_vector(b), atol=1e-6, rtol=1e-5)
-    assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-8)  # sums of +-A*ratio cancel: compare absolutely
+    # sums of +-A*ratio cancel to ~1e-6: compare absolutely (batch-size-dependent float rounding under
+    # several threads moves them by ~1e-8)
+    assert ra["loss"] == pytest.approx(rb["loss"], abs=5e-8)
 
 
 def _comparable(row):
@@ -79,8 +81,8 @@ def test_nan_losses_stop_with_checkpoint(make_trainer, monkeypatch):
     tr = make_trainer(train_batch_size=2, max_nan_steps=3)
     real = tr.sampler.log_prob
 
-    def broken(traj, steps=None):
-        out = real(traj, steps)
+    def broken(traj, steps=None, **kw):
+        out = real(traj, steps, **kw)
         out.log_prob = out.log_prob * float("nan")
         return out
 
@@ -121,8 +123,8 @@ def test_group_advantages_formula():
 def test_windowed_sde_trains_only_window_steps(make_trainer):
     tr = make_trainer(num_steps=4, sde_mode="window", sde_window_size=2, sde_window_start=1)
     batch = tr.collect(0)
-    assert batch["traj"].sde_steps == [1, 2]
-    assert tr._trained_steps(batch["traj"], torch.Generator().manual_seed(0)) == [1, 2]
+    assert batch.traj.sde_steps == [1, 2]
+    assert tr._trained_steps(batch.traj, torch.Generator().manual_seed(0)) == [1, 2]
     tr2 = make_trainer(num_steps=4, sde_mode="sliding", sde_window_size=2, sde_window_shift_every=1, run_dir="s")
     assert [tr2._sde_steps(i) for i in range(4)] == [[0, 1], [1, 2], [2, 3], [0, 1]]
 
@@ -131,7 +133,7 @@ def test_shared_noise_makes_groups_differ_only_from_the_window(make_trainer):
     """shared_noise: a group starts from one noise draw, so with ODE steps before the window its
     samples are identical up to the window and differ after it; other groups start elsewhere."""
     tr = make_trainer(num_steps=4, sde_mode="window", sde_window_size=2, sde_window_start=1, shared_noise=True)
-    lat = tr.collect(0)["traj"].latents  # (N, steps + 1, ...)
+    lat = tr.collect(0).traj.latents  # (N, steps + 1, ...)
     g = tr.config.group_size
     first = lat[:g]
     assert torch.equal(first[:, 0], first[:1, 0].expand_as(first[:, 0]))  # same initial noise
@@ -139,7 +141,7 @@ def test_shared_noise_makes_groups_differ_only_from_the_window(make_trainer):
     assert (first[1:, 2] - first[:1, 2]).abs().amax() > 1e-3  # after SDE step 1: they differ
     assert (lat[g, 0] - lat[0, 0]).abs().amax() > 1e-3  # the next prompt has its own noise
     indep = make_trainer(num_steps=4, sde_mode="window", sde_window_size=2, sde_window_start=1, run_dir="i")
-    lat = indep.collect(0)["traj"].latents
+    lat = indep.collect(0).traj.latents
     assert (lat[1, 0] - lat[0, 0]).abs().amax() > 1e-3
 
 
@@ -147,7 +149,7 @@ def test_random_window_stays_in_its_range(make_trainer):
     tr = make_trainer(num_steps=6, sde_mode="random", sde_window_size=2, sde_window_start=1, sde_window_end=4)
     seen = set()
     for it in range(12):
-        steps = tr.collect(it)["traj"].sde_steps
+        steps = tr.collect(it).traj.sde_steps
         assert len(steps) == 2 and steps[0] >= 1 and steps[-1] < 4
         seen.add(steps[0])
     assert seen == {1, 2}
@@ -202,109 +204,6 @@ def test_saved_lora_loads_in_diffusers_and_reproduces_sampler(make_trainer, tiny
                                                         width=32, generator=torch.Generator().manual_seed(0)).final)
     assert (ours - expected).abs().max() <= 1e-4
     assert (ours - base).abs().max() > 1e-4  # the LoRA changed the output, so the match is not vacuous
-
-
-# ---- DiffusionNFT objective -------------------------------------------------------------------
-def test_nft_rolls_out_with_the_ode_and_rejects_inconsistent_settings(make_trainer):
-    tr = make_trainer(objective="nft", nft_timesteps=2)
-    traj = tr.collect(0)["traj"]
-    assert not bool(traj.sde_mask.any()) and traj.means is None
-    with pytest.raises(ValueError, match="shared_noise"):
-        GRPOConfig(objective="nft", shared_noise=True)
-    with pytest.raises(ValueError, match="rectified-flow"):
-        GRPOConfig(objective="nft", kernel="ddim")
-
-
-def test_nft_kl_anchor_is_zero_at_init_and_pulls_back_to_the_reference(make_trainer):
-    """kl_beta adds kl_beta |v - v_ref|^2: zero at the LoRA's identity start, positive once the
-    field moved, and its gradient there is 2 kl_beta (v - v_ref) dv/dtheta."""
-    tr = make_trainer(objective="nft", nft_timesteps=1, train_batch_size=8, kl_beta=0.5, learning_rate=3e-2)
-    assert tr.step()["kl"] == pytest.approx(0.0, abs=1e-12)
-    row = tr.step()
-    assert row["kl"] > 0
-    batch = tr.collect(5)
-    rows = torch.arange(len(batch["traj"]))
-    draws = tr._nft_targets(batch["traj"], torch.nonzero(batch["keep"]).flatten(), torch.Generator().manual_seed(0), single_step=True)
-    zero = torch.zeros(rows.numel())  # no advantage: r = 1/2, the NFT part is sum |v - u|^2 terms
-    grads = []
-    for beta in (0.0, 0.5):
-        tr.config.kl_beta = beta
-        tr.optimizer.zero_grad(set_to_none=True)
-        loss, st = tr._nft_loss(batch["traj"], 0, draws["steps"][0], zero, draws, rows)
-        loss.sum().backward()
-        grads.append(torch.cat([p.grad.flatten().clone() for p in tr.params]))
-    kl_grad = grads[1] - grads[0]
-    tr.optimizer.zero_grad(set_to_none=True)
-    t = draws["steps"][0]
-    v = tr._nft_velocity(batch["traj"], t, draws["x0"], draws["eps"][:, 0]).float()
-    with torch.no_grad(), tr.sampler.reference():
-        v_ref = tr._nft_velocity(batch["traj"], t, draws["x0"], draws["eps"][:, 0]).float()
-    (0.5 * ((v - v_ref) ** 2).flatten(1).mean(1)).sum().backward()
-    expected = torch.cat([p.grad.flatten() for p in tr.params])
-    assert torch.allclose(kl_grad, expected, atol=1e-7, rtol=1e-4)
-    assert float(kl_grad.norm()) > 0
-
-
-@pytest.mark.parametrize("weighting", ["nft", "positive"])
-def test_nft_gradient_is_advantage_weighted_flow_matching(make_trainer, weighting):
-    """At v = v_old the DiffusionNFT loss has the gradient of
-    sum_i beta (2 r_i - 1) |v_i - (eps_i - x0_i)|^2 with r_i = 0.5 + 0.5 clip(A_i, -1, 1):
-    pull toward samples better than their group, push from worse ones (DiffusionNFT eq. 7-8).
-    The "positive" weighting is flow matching on the better samples only, weight max(A, 0)."""
-    beta = 0.7
-    tr = make_trainer(objective="nft", nft_timesteps=1, nft_beta=beta, train_batch_size=8, nft_weighting=weighting)
-    batch = tr.collect(0)
-    rows = torch.arange(len(batch["traj"]))
-    draws = tr._nft_targets(batch["traj"], torch.nonzero(batch["keep"]).flatten(), torch.Generator().manual_seed(0), single_step=True)
-    adv = torch.linspace(-1.5, 1.5, rows.numel())  # includes clipped values
-    tr.optimizer.zero_grad(set_to_none=True)
-    loss, _ = tr._nft_loss(batch["traj"], 0, draws["steps"][0], adv, draws, rows)
-    loss.sum().backward()
-    g_nft = torch.cat([p.grad.flatten().clone() for p in tr.params])
-    tr.optimizer.zero_grad(set_to_none=True)
-    t = draws["steps"][0]
-    v = tr._nft_velocity(batch["traj"], t, draws["x0"], draws["eps"][:, 0]).float()
-    w = beta * (2 * (0.5 + 0.5 * adv.clamp(-1, 1)) - 1) if weighting == "nft" else adv.clamp_min(0)
-    ((v - (draws["eps"][:, 0] - draws["x0"])) ** 2).flatten(1).mean(1).mul(w).sum().backward()
-    g_ref = torch.cat([p.grad.flatten().clone() for p in tr.params])
-    assert g_ref.norm() > 0
-    err = float((g_nft - g_ref).norm() / g_ref.norm())
-    assert err < 1e-4, err
-
-
-def test_nft_precomputed_old_velocity_equals_the_detached_one(make_trainer):
-    """With several optimizer steps per iteration v_old is computed up front; before any step it
-    equals the live prediction, so both paths give the same first loss."""
-    tr = make_trainer(objective="nft", nft_timesteps=2, train_batch_size=4)
-    batch = tr.collect(0)
-    multi = tr._nft_targets(batch["traj"], torch.nonzero(batch["keep"]).flatten(), torch.Generator().manual_seed(0), single_step=False)
-    single = tr._nft_targets(batch["traj"], torch.nonzero(batch["keep"]).flatten(), torch.Generator().manual_seed(0), single_step=True)
-    rows = torch.arange(4)
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    sub = batch["traj"][rows]
-    a, _ = tr._nft_loss(sub, 1, multi["steps"][1], adv, multi, rows)
-    b, _ = tr._nft_loss(sub, 1, single["steps"][1], adv, single, rows)
-    assert torch.allclose(a, b, rtol=1e-5)
-
-
-@pytest.mark.parametrize("weighting", ["nft", "positive"])
-def test_nft_training_raises_the_reward(make_trainer, weighting):
-    """The metric must move under the NFT objectives too, in DiffusionNFT's CFG-free setting:
-    brightness rises (measured: +0.010 for nft, +0.005 for positive after 6 iterations; base 0.448)."""
-    tr = make_trainer(objective="nft", nft_weighting=weighting, group_size=8, prompts_per_iteration=2, train_batch_size=16,
-                      learning_rate=1e-2, kl_beta=0.0, max_grad_norm=10.0, lora=False, nft_timesteps=3,
-                      train_without_cfg=True)
-    gen = lambda: torch.Generator().manual_seed(123)  # noqa: E731
-    def brightness():
-        with torch.no_grad():
-            imgs = tr.sampler.decode(tr.sampler.rollout(["a red cube"] * 8, num_steps=3, guidance_scale=1.0,
-                                                        generator=gen(), height=32, width=32).final)
-        return float(imgs.mean())
-    base = brightness()
-    for _ in range(6):
-        row = tr.step()
-        assert row["optimizer_steps"] == 1
-    assert brightness() > base + 0.003, (base, brightness())
 
 
 def test_export_writes_the_lora_of_a_kept_checkpoint(tiny_model_dir, tmp_path, capsys):

@@ -1,46 +1,14 @@
-"""Prompt sources and a resumable prompt sampler."""
+"""Category balancing and a resumable prompt sampler (prompt sources: :mod:`visalign.prompts`)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from visalign.prompts import load_prompts
+
 __all__ = ["load_prompts", "balance", "PromptSampler"]
-
-
-def load_prompts(spec: str) -> list[dict]:
-    """Prompt records ``{"prompt": str, "metadata": dict | None}`` from a spec.
-
-    - ``toy:train`` / ``toy:eval``: the shapes world's splits (with GenEval-style metadata);
-    - a ``.txt`` file: one prompt per line;
-    - a ``.jsonl`` file: rows with a ``prompt`` field; GenEval metadata rows (``tag``,
-      ``include``) are kept as the record's metadata.
-    """
-    if spec.startswith("toy:"):
-        from visalign.toy.prompts import split
-
-        name = spec.split(":", 1)[1]
-        return [{"prompt": m["prompt"], "metadata": dict(m)} for m in split(name)]
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt source {spec!r}: no such file (use toy:train, toy:eval, a .txt or a .jsonl file)")
-    records = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "prompt" not in row:
-                raise ValueError(f"{path}:{n}: each JSONL row needs a 'prompt' field")
-            records.append({"prompt": str(row["prompt"]), "metadata": row if ("include" in row or "tag" in row) else None})
-    else:
-        records = [{"prompt": line.strip(), "metadata": None} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not records:
-        raise ValueError(f"prompt source {spec!r} holds no prompts")
-    return records
 
 
 def balance(records: list[dict], key: str = "tag") -> list[dict]:

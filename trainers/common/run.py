@@ -35,6 +35,10 @@ class RunSettings:
     cache_prompt_embeddings: bool = True
     #: show progress bars
     progress: bool = True
+    #: torch CPU threads; null = auto in `visalign train` (the cores other processes leave free at
+    #: the start: beside a busy process more threads run up to 2x slower, docs/benchmarks.md) and
+    #: torch's own setting when the trainer is built from Python; `--threads N` sets it
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -45,3 +49,5 @@ class RunSettings:
             raise ValueError(f"run.mixed_precision must be fp32, bf16 or fp16, got {self.mixed_precision!r}")
         if self.eval_samples_per_prompt < 1:
             raise ValueError("run.eval_samples_per_prompt must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"run.threads must be >= 1 or null (auto), got {self.threads}")

@@ -1,6 +1,6 @@
 """Group-relative policy optimisation for diffusion and flow models (Flow-GRPO, DDPO)."""
 
-from .advantages import group_advantages, PerPromptStats
+from ..common.advantages import PerPromptStats, group_advantages
 from .config import GRPOConfig
 from .trainer import GRPOTrainer
 

@@ -190,6 +190,23 @@ class Trajectory:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
+    @staticmethod
+    def cat(items: Sequence["Trajectory"]) -> "Trajectory":
+        """Join trajectories of the same rollout settings along the batch (e.g. the batches of
+        one collect step)."""
+        first = items[0]
+        for t in items[1:]:
+            if not torch.equal(t.sde_mask, first.sde_mask) or t.kernel != first.kernel:
+                raise ValueError("Trajectory.cat: the rollouts differ in kernel or stochastic steps (a random SDE "
+                                 "window drawn per batch?); collect them in one batch")
+
+        def join(name):
+            values = [getattr(t, name) for t in items]
+            return None if values[0] is None else torch.cat(values)
+
+        return replace(first, latents=join("latents"), log_probs=join("log_probs"), means=join("means"),
+                       x0=join("x0"), cond=Conditioning.cat([t.cond for t in items]))
+
     def __getitem__(self, index) -> "Trajectory":
         """Select samples (batch rows); steps and schedule stay whole."""
         if isinstance(index, int):

@@ -73,7 +73,7 @@ def _mean_over_sample(t: torch.Tensor) -> torch.Tensor:
 
 
 def _ddpm_x0_eps(pred: torch.Tensor, x: torch.Tensor, ab_t: torch.Tensor, parameterization: str, clip=None):
-    """x0 and eps estimates from an eps- or v-prediction (REFERENCE.md, "Notation").
+    """x0 and eps estimates from an eps- or v-prediction (docs/samplers.md, "Notation").
 
     ``clip``: clamp x0 to ``[-clip, clip]`` (DDIM's ``clip_sample``; eps is not recomputed)."""
     if parameterization == "eps":

@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--pass-at", type=int, nargs="+", default=(), metavar="K",
                     help="also report pass@K (best of K samples; K <= --samples-per-prompt), e.g. --pass-at 4 16")
     ev.add_argument("--json", default=None, help="write the summary here")
+    ev.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default auto: the cores other processes leave free)")
     tp = sub.add_parser("train-proxy", help="train the shapes-proxy reward (learned, differentiable verifier proxy)")
     tp.add_argument("--out", required=True,
                     help="output folder (config.json, model.safetensors, metrics.json, pool cache)")
@@ -61,8 +63,15 @@ def run(args) -> int:
               f"renderer hard negatives: {m['renderer_auc']:.3f}; proxy and metrics.json in {args.out}")
         return 0
     from visalign.samplers import ModelNotFoundError
+    from visalign.threads import configure_threads
 
     from .evaluate import evaluate_model, format_report
+
+    try:
+        configure_threads(args.threads)
+    except ValueError as err:
+        print(f"visalign toy eval: error: --threads: {err}", file=sys.stderr)
+        return 2
 
     try:
         result = evaluate_model(args.model, lora=args.lora, samples_per_prompt=args.samples_per_prompt,

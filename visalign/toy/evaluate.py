@@ -38,13 +38,19 @@ def evaluate_model(model: str = "toy-shapes", *, lora: str | None = None, sample
                    num_steps: int = 10, guidance_scale: float | None = None, seed: int = 0, batch_size: int = 200,
                    max_prompts: int | None = None, bf16: bool = False, progress: bool = True,
                    pass_at: tuple[int, ...] = ()) -> dict:
+    """Accuracy of ``model`` (optionally with a LoRA) on the eval split, judged by the gold verifier.
+
+    Sampling goes through the library's collect step; sample ``k`` of prompt ``j`` uses seed
+    ``seed + j * samples_per_prompt + k``.  Returns the summary that ``visalign toy eval`` prints.
+    """
     import contextlib
 
-    import visalign.rewards as vr
+    import numpy as np
+
     import visalign.samplers as vs
-    from visalign.trainers.common.evaluate import evaluate
 
     from .prompts import TAGS, overall, split
+    from .verify import verify
 
     for k in pass_at:
         if not 1 <= k <= samples_per_prompt:
@@ -52,43 +58,42 @@ def evaluate_model(model: str = "toy-shapes", *, lora: str | None = None, sample
                              f"raise --samples-per-prompt to at least {k}")
     sampler = vs.load(model)
     if lora:
-        from visalign.trainers.common.lora import load_lora
+        from visalign.samplers.lora import load_lora
 
         load_lora(sampler, lora)
-    records = [{"prompt": m["prompt"], "metadata": dict(m)} for m in split("eval")][:max_prompts]
+    metas = split("eval")[:max_prompts]
     guidance = sampler.default_guidance if guidance_scale is None else guidance_scale
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     t0 = time.perf_counter()
-    shapes, strict = vr.load("shapes"), []
+    verdicts = []
 
-    def scored(images, prompts, metadata=None):  # the shapes reward, keeping every sample's pass
-        out = shapes(images, prompts, metadata=metadata)
-        strict.append(out.components["strict"].float().cpu())
-        return out
+    def judge(start, batch):  # the gold verifier on each batch as it comes; no images are kept
+        verdicts.extend(verify(batch.images, metadata=batch.metadata))
 
-    metrics, _ = evaluate(sampler, records, {"shapes": scored}, num_steps=num_steps,
-                          guidance_scale=guidance, samples_per_prompt=samples_per_prompt, seed=seed,
-                          batch_size=batch_size, autocast=autocast, progress=progress)
-    import math
-
-    per_category = {t: metrics[f"eval/shapes/strict/{t}"] for t in TAGS
-                    if math.isfinite(metrics.get(f"eval/shapes/strict/{t}", float("nan")))}  # categories sampled
-    passes = torch.cat(strict).nan_to_num(0.0).view(len(records), samples_per_prompt).sum(1).round().long().tolist()  # invalid = fail
+    jobs = [m for m in metas for _ in range(samples_per_prompt)]
+    vs.collect(sampler, [m["prompt"] for m in jobs], metadata=jobs, num_steps=num_steps, guidance_scale=guidance,
+               seeds=[seed + n for n in range(len(jobs))], batch_size=batch_size, keep_images=False,
+               autocast=autocast, on_batch=judge, progress="toy eval" if progress else False)
+    strict = np.array([float(v.strict) for v in verdicts]).reshape(len(metas), samples_per_prompt)
+    partial = float(np.mean([v.partial for v in verdicts]))
+    per_category = {t: float(strict[[m["tag"] == t for m in metas]].mean()) for t in TAGS
+                    if any(m["tag"] == t for m in metas)}  # categories sampled
+    passes = strict.sum(1).round().astype(int).tolist()
     pass_k = {}
     for k in pass_at:
         by_tag: dict[str, list[float]] = {}
-        for rec, c in zip(records, passes):
-            by_tag.setdefault(rec["metadata"]["tag"], []).append(pass_at_k(samples_per_prompt, c, k))
+        for meta, c in zip(metas, passes):
+            by_tag.setdefault(meta["tag"], []).append(pass_at_k(samples_per_prompt, c, k))
         cats = {t: sum(by_tag[t]) / len(by_tag[t]) for t in TAGS if t in by_tag}
         pass_k[str(k)] = {"overall": overall(cats), "per_category": cats}
     return {
         "model": model,
         "lora": lora,
         "overall_strict": overall(per_category),
-        "strict_all_samples": metrics["eval/shapes/strict"],
-        "partial": metrics["eval/shapes/partial"],
+        "strict_all_samples": float(strict.mean()),
+        "partial": partial,
         "per_category": per_category,
-        "prompts": len(records),
+        "prompts": len(metas),
         "samples_per_prompt": samples_per_prompt,
         "num_steps": num_steps,
         "guidance_scale": guidance,

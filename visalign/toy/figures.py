@@ -68,22 +68,18 @@ def category_grids(out_dir: str | Path, seed: int = 0, prompts_per_category: int
 def model_grids(out_dir: str | Path, model: str = "toy-shapes", lora: str | None = None, name: str = "base",
                 seed: int = 0, prompts_per_category: int = 4, seeds: int = 4) -> list[Path]:
     """The model's ODE samples of the renderer grids' prompts: rows prompts, columns seeds."""
-    import torch
-
     import visalign.samplers as vs
 
     sampler = vs.load(model)
     if lora:
-        from visalign.trainers.common.lora import load_lora
+        from visalign.samplers.lora import load_lora
 
         load_lora(sampler, lora)
     written = []
     for tag, pick, _ in _picks(seed, prompts_per_category):
         prompts = [m["prompt"] for m in pick for _ in range(seeds)]
-        gens = [torch.Generator().manual_seed(k) for _ in pick for k in range(seeds)]
-        with torch.no_grad():
-            imgs = sampler.generate(prompts, num_steps=10, guidance_scale=3.0, generator=gens)
-        written.append(save_png(grid(imgs.numpy(), nrow=seeds), Path(out_dir) / f"{name}_{tag}.png"))
+        out = vs.collect(sampler, prompts, num_steps=10, guidance_scale=3.0, seeds=[k for _ in pick for k in range(seeds)])
+        written.append(save_png(grid(out.images.numpy(), nrow=seeds), Path(out_dir) / f"{name}_{tag}.png"))
     return written
 
 

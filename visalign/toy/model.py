@@ -36,7 +36,6 @@ __all__ = [
     "save",
     "load",
     "encode_prompts",
-    "sample",
 ]
 
 MAX_LENGTH = 16
@@ -204,34 +203,3 @@ def encode_prompts(model: ToyShapes, prompts: Sequence[str]) -> torch.Tensor:
         input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device)
     )
     return out.last_hidden_state
-
-
-def sample(
-    model: ToyShapes,
-    prompts: Sequence[str],
-    *,
-    num_steps: int = 20,
-    guidance_scale: float = 3.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Euler ODE samples in [0, 1], ``(B, 3, 32, 32)`` (a monitor for pretraining; the library's
-    Sampler adapter is the general path).  Steps ``s`` from 1 to 0 linearly; the caller chooses
-    grad mode."""
-    unet = model.unet
-    device = next(unet.parameters()).device
-    n = len(prompts)
-    cond = encode_prompts(model, list(prompts))
-    uncond = encode_prompts(model, [""] * n) if guidance_scale != 1.0 else None
-    x = to_latent(torch.randn((n, 3, RESOLUTION, RESOLUTION), generator=generator, device=device))  # (B, 12, h, w)
-    sigmas = torch.linspace(1.0, 0.0, num_steps + 1, device=device)
-    for i in range(num_steps):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        t = (s * 1000).expand(n)
-        if uncond is not None:
-            v = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
-            v_u, v_c = v.chunk(2)
-            v = v_u + guidance_scale * (v_c - v_u)
-        else:
-            v = unet(x, t, encoder_hidden_states=cond).sample
-        x = x + (s_next - s) * v  # dt < 0: towards data
-    return ((from_latent(x).clamp(-1, 1) + 1) / 2).float()

@@ -61,7 +61,11 @@ def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> No
 def evaluate(model: M.ToyShapes, per_category: int = 16, seed: int = 1234, num_steps: int = 20,
              guidance_scale: float = 3.0, batch: int = 48) -> dict:
     """Strict / partial accuracy of Euler ODE samples on the eval split, category-balanced:
-    ``per_category`` prompts per category (cycling through a category's prompts), one image each."""
+    ``per_category`` prompts per category (cycling through a category's prompts), one image each
+    (sample ``n`` uses seed ``seed + n``), through the library's sampler and collect step."""
+    from visalign.samplers import collect
+    from visalign.samplers.families.toy import ToySampler
+
     groups = by_tag(split("eval"))
     rng = np.random.default_rng(seed)
     metas = []
@@ -69,14 +73,9 @@ def evaluate(model: M.ToyShapes, per_category: int = 16, seed: int = 1234, num_s
         g = groups[tag]
         order = rng.permutation(len(g))
         metas += [g[order[i % len(g)]] for i in range(per_category)]
-    gen = torch.Generator().manual_seed(seed)
-    verdicts = []
-    with torch.no_grad():
-        for i in range(0, len(metas), batch):
-            chunk = metas[i:i + batch]
-            imgs = M.sample(model, [m["prompt"] for m in chunk], num_steps=num_steps,
-                            guidance_scale=guidance_scale, generator=gen)
-            verdicts += verify(imgs, metadata=chunk)
+    out = collect(ToySampler(model), [m["prompt"] for m in metas], num_steps=num_steps, guidance_scale=guidance_scale,
+                  seeds=[seed + n for n in range(len(metas))], batch_size=batch)
+    verdicts = verify(out.images, metadata=metas)
     cat = {t: float(np.mean([v.strict for v, m in zip(verdicts, metas) if m["tag"] == t])) for t in TAGS}
     held = [v.strict for v, m in zip(verdicts, metas) if m["heldout"]]
     return {

@@ -158,6 +158,12 @@ def split(name: str) -> list[dict]:
     raise ValueError(f"unknown split {name!r}: choose 'train' or 'eval'")
 
 
+def records(name: str) -> list[dict]:
+    """The ``train`` / ``eval`` split as prompt records ``{"prompt", "metadata"}`` (the prompt
+    source ``toy:NAME`` of :func:`visalign.prompts.load_prompts`)."""
+    return [{"prompt": m["prompt"], "metadata": dict(m)} for m in split(name)]
+
+
 def vocabulary() -> list[str]:
     """Every word the grammar uses (lower case), sorted; the toy tokenizer's vocabulary."""
     words = {"a", "and", "photo", "of", "an"}

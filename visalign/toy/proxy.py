@@ -288,12 +288,14 @@ def make_pool(path: str | os.PathLike, model: str, n_train: int = 1500, n_eval: 
     rng = np.random.default_rng([seed, 7])
     metas = _balanced(by_tag(split("train")), n_train, rng) + _balanced(by_tag(split("eval")), n_eval, rng)
     chunks, t0 = [], time.time()
-    for k in range(0, len(metas), batch):
-        prompts = [m["prompt"] for m in metas[k:k + batch]]
-        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        x = sampler.generate(prompts, num_steps=num_steps, guidance_scale=guidance_scale, generator=g)
-        chunks.append((x.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
-        log(f"pool: {k + len(prompts)}/{len(metas)} samples, {time.time() - t0:.0f}s")
+
+    def keep(start, out):
+        chunks.append((out.images.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+        log(f"pool: {start + len(out)}/{len(metas)} samples, {time.time() - t0:.0f}s")
+
+    vs.collect(sampler, [m["prompt"] for m in metas], num_steps=num_steps, guidance_scale=guidance_scale,
+               seeds=[seed * 1_000_003 + k for k in range(len(metas))], batch_size=batch, keep_images=False,
+               on_batch=keep)
     images = torch.cat(chunks)
     tensors = {
         "images": images,

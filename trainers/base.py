@@ -1,0 +1,452 @@
+"""The floor under every training algorithm: :class:`Trainer` and :class:`OptimConfig`.
+
+An algorithm is a config dataclass (a subclass of :class:`OptimConfig`, so the optimiser, LR
+schedule, EMA and NaN guard are set the same way everywhere) and a trainer that implements one
+method, :meth:`Trainer.train_step`, on this base.  The base owns everything else:
+
+- the run loop with its progress bar (:meth:`train`), periodic evaluation on held-out prompts
+  (:meth:`evaluate`, through the shared collect step), ``eval.jsonl`` / ``eval.json`` and the plot;
+- accelerate (devices, mixed precision, several processes) and its trackers, metric logging;
+- AdamW, the LR schedule and an EMA of the trainable weights (:meth:`optimizer_step` with the
+  NaN / inf guard and gradient clipping);
+- checkpoints that resume exactly (:meth:`save_checkpoint`, :meth:`resume`), export of a kept
+  checkpoint's LoRA (:meth:`export`) and the final weights (:meth:`save_final`).
+
+docs/architecture.md shows a complete toy algorithm in 30 lines.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from visalign.io import atomic_write_json, atomic_write_text, read_jsonl
+
+from .common.checkpoint import (
+    checkpoint_iteration,
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .common.data import PromptSampler
+from .common.ema import EMA
+from .common.metrics import MetricsLog, plot_metrics
+from .common.run import RunSettings
+
+__all__ = ["OptimConfig", "Trainer", "TrainingStopped", "OptimStep", "derive_seed"]
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when the run cannot go on (too many NaN steps); a checkpoint was written first."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (FNV-1a over 32-bit words): per-iteration, per-process generators."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation settings every algorithm shares (its config subclasses this one)."""
+
+    #: AdamW learning rate
+    learning_rate: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-8
+    #: "constant" or "cosine" (over run.iterations), after `warmup_iterations` of linear warm-up
+    lr_schedule: str = "constant"
+    warmup_iterations: int = 0
+    #: gradient-norm clipping per optimizer step
+    max_grad_norm: float = 1.0
+    #: EMA of the trainable weights, updated after every optimizer step; 0 disables
+    ema_decay: float = 0.9
+    #: stop after this many consecutive skipped (NaN / inf loss or gradient) optimizer steps
+    max_nan_steps: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.warmup_iterations < 0:
+            raise ValueError(f"warmup_iterations must be >= 0, got {self.warmup_iterations}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.max_nan_steps < 1:
+            raise ValueError(f"max_nan_steps must be >= 1, got {self.max_nan_steps}")
+
+
+@dataclass
+class OptimStep:
+    """What :meth:`Trainer.optimizer_step` did: the summed loss, the gradient norm before clipping
+    and whether the step was skipped (a NaN / inf loss or gradient)."""
+
+    loss: float
+    grad_norm: float
+    skipped: bool
+
+
+class Trainer(abc.ABC):
+    """Run management shared by every algorithm; subclasses implement :meth:`train_step`.
+
+    Args:
+        sampler: the model (``visalign.samplers.load(...)``).
+        config: the algorithm's config (an :class:`OptimConfig` subclass).
+        train_prompts / eval_prompts: prompt records ``{"prompt", "metadata"}``.
+        eval_rewards: ``{name: reward}`` for evaluation (may include rewards not trained on, so
+            reward hacking shows).
+        run: :class:`RunSettings`.
+        trainable: the parameters to train (LoRA parameters from ``add_lora``); ``None`` trains
+            the whole denoiser (a frozen reference copy is kept for ``sampler.reference()``).
+        accelerator: an ``accelerate.Accelerator``; one is made from ``run`` when omitted.
+        log_config: extra sections written to ``config.json`` (the recipe's model, data, rewards).
+        size: ``{"height", "width", "num_frames"}`` of rollouts.
+    """
+
+    #: the registry name; also the progress bar's label and the config's key in config.json
+    algorithm: str = ""
+    #: metrics shown on the progress bar
+    progress_keys: tuple[str, ...] = ("loss",)
+
+    def __init__(self, sampler, config: OptimConfig, *, train_prompts=(), eval_prompts=None,
+                 eval_rewards: Mapping | None = None, run: RunSettings | None = None, trainable=None,
+                 accelerator=None, log_config: dict | None = None, size: dict | None = None) -> None:
+        from accelerate import Accelerator
+
+        from visalign.threads import configure_threads
+
+        self.sampler, self.config, self.run = sampler, config, run or RunSettings()
+        if self.run.threads is not None:  # "auto" (null) is applied by the command line, not by the library
+            configure_threads(self.run.threads, sampler.device)
+        if accelerator is None:
+            accelerator = Accelerator(cpu=sampler.device.type == "cpu",
+                                      mixed_precision={"fp32": "no"}.get(self.run.mixed_precision, self.run.mixed_precision),
+                                      log_with=self._available_trackers() or None, project_dir=self.run.run_dir)
+        self.acc = accelerator
+        if trainable is None:
+            sampler.keep_reference_copy()
+            sampler.denoiser.requires_grad_(True)
+            trainable = list(sampler.denoiser.parameters())
+        self.params = [p for p in trainable if p.requires_grad]
+        if not self.params:
+            raise ValueError("nothing to train: no parameter requires grad")
+        if self.acc.num_processes > 1:  # every process starts from rank 0's weights
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                for p in self.params:
+                    dist.broadcast(p.data, src=0)
+        sampler.denoiser.eval()  # no dropout: the network that samples is the one trained
+        c = config
+        self.optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
+                                           weight_decay=c.weight_decay, eps=c.adam_eps)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.ema = EMA(self.params, c.ema_decay) if c.ema_decay > 0 else None
+        self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts or [])
+        self.prompt_sampler = PromptSampler(self.train_prompts, seed=self.run.seed)
+        self.eval_rewards = dict(eval_rewards or {})
+        self.iteration = 0
+        self.nan_steps = 0
+        self.run_dir = Path(self.run.run_dir)
+        self.metrics = MetricsLog(self.run_dir, self.acc, enabled=self.acc.is_main_process)
+        self._cond_cache: dict[str, object] = {}
+        self.log_config = log_config or {}
+        self.size = dict(size or {})
+
+    #: whether the algorithm trains on rewards (a recipe must then name at least one)
+    needs_rewards: bool = False
+
+    @classmethod
+    def from_parts(cls, sampler, config, *, rewards=None, **kwargs) -> "Trainer":
+        """Build from a recipe's loaded parts (``visalign.trainers.build_trainer``); an algorithm
+        that takes rewards overrides this to pass them on."""
+        return cls(sampler, config, **kwargs)
+
+    # ---- what an algorithm implements ---------------------------------------------------------
+    @abc.abstractmethod
+    def train_step(self, it: int) -> dict:
+        """One iteration of the algorithm (iteration ``it``, 0-based): collect, compute losses, call
+        :meth:`optimizer_step`; return its metrics (the base adds ``iteration``, ``lr`` and time)."""
+
+    #: nominal optimizer steps per iteration: the LR schedule's clock (warm-up and cosine are given
+    #: in iterations)
+    steps_per_iteration: int = 1
+
+    @property
+    def eval_guidance(self) -> float:
+        """The CFG scale evaluations use unless ``run.eval_guidance_scale`` sets one."""
+        return float(getattr(self.config, "guidance_scale", self.sampler.default_guidance))
+
+    # ---- setup helpers -------------------------------------------------------------------------
+    def _available_trackers(self) -> list[str]:
+        import importlib.util
+
+        return [t for t in self.run.trackers if importlib.util.find_spec(t) is not None]
+
+    def _lr_lambda(self, step: int) -> float:
+        c = self.config
+        per_iter = max(1, int(self.steps_per_iteration))
+        warm = c.warmup_iterations * per_iter
+        if warm and step < warm:
+            return (step + 1) / warm
+        if c.lr_schedule == "cosine":
+            total = max(1, self.run.iterations * per_iter - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / total)))
+        return 1.0
+
+    def encode(self, prompts: list[str]):
+        """Conditioning for ``prompts``, each prompt encoded once when ``run.cache_prompt_embeddings``
+        (text encoders are frozen)."""
+        from visalign.samplers import Conditioning
+
+        if not self.run.cache_prompt_embeddings:
+            with torch.no_grad():
+                return self.sampler.encode(prompts)
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cond_cache))
+        if missing:
+            with torch.no_grad():
+                cond = self.sampler.encode(missing)
+            for j, p in enumerate(missing):
+                self._cond_cache[p] = cond[j]
+        return Conditioning.cat([self._cond_cache[p] for p in prompts])
+
+    # ---- the optimizer step -----------------------------------------------------------------------
+    def optimizer_step(self, losses: Callable[[], torch.Tensor | Iterable[torch.Tensor]]) -> OptimStep:
+        """One guarded optimizer step.
+
+        ``losses()`` returns a scalar loss or yields several (micro-batches, steps), each already
+        scaled to its share of the step; each is back-propagated as it comes, so only one graph is
+        alive at a time.  A non-finite loss or gradient norm skips the step (gradients dropped,
+        counted); ``max_nan_steps`` skips in a row write a checkpoint and raise
+        :class:`TrainingStopped`.  Otherwise: gradients averaged over processes, clipped to
+        ``max_grad_norm``, AdamW step, LR schedule step, EMA update.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        total, bad = 0.0, False
+        out = losses()
+        for loss in ([out] if isinstance(out, torch.Tensor) else out):
+            if not torch.isfinite(loss.detach()):
+                bad = True
+                break
+            loss.backward()
+            total += float(loss.detach())
+        norm = float("nan")
+        if not bad:
+            self._all_reduce_grads()
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+            bad = not math.isfinite(norm)
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nan_steps += 1
+            if self.nan_steps >= self.config.max_nan_steps:
+                path = self.save_checkpoint()
+                raise TrainingStopped(
+                    f"{self.nan_steps} optimizer steps in a row had a NaN/inf loss or gradient (iteration "
+                    f"{self.iteration + 1}); stopped with a checkpoint at {path}. Lower learning_rate, or check "
+                    "the rewards and data for NaNs.")
+            return OptimStep(float("nan"), float("nan"), True)
+        self.nan_steps = 0
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
+        return OptimStep(total, norm, False)
+
+    def _all_reduce_grads(self) -> None:
+        """Average gradients over processes (LoRA-sized, so one all-reduce per parameter is cheap)."""
+        if self.acc.num_processes == 1:
+            return
+        for p in self.params:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.grad = self.acc.reduce(g, reduction="mean")
+
+    # ---- one logged iteration ------------------------------------------------------------------
+    def step(self) -> dict:
+        """One iteration: :meth:`train_step`, then ``iteration``, ``lr`` and wall time are added and
+        the row is logged to ``metrics.jsonl`` (and the trackers)."""
+        it = self.iteration
+        t0 = time.perf_counter()
+        row = {"iteration": it + 1, **self.train_step(it)}
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        row["time/iteration"] = time.perf_counter() - t0
+        self.iteration += 1
+        self.metrics.log(row)
+        return row
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def ema_weights(self):
+        """Inside this block the EMA weights are live (when an EMA is kept and ``run.eval_with_ema``)."""
+        if self.ema is not None and self.run.eval_with_ema:
+            return self.ema.swapped()
+        return contextlib.nullcontext()
+
+    def evaluate(self) -> dict:
+        """ODE samples of the held-out prompts scored by every eval reward; appended to ``eval.jsonl``
+        with a grid of samples.  The same noise at every evaluation, so curves compare like with like."""
+        if not self.eval_prompts or not self.eval_rewards:
+            return {}
+        from .common.evaluate import evaluate, save_grid
+
+        guidance = self.run.eval_guidance_scale if self.run.eval_guidance_scale is not None else self.eval_guidance
+        with self.ema_weights():
+            metrics, images = evaluate(
+                self.sampler, self.eval_prompts, self.eval_rewards, num_steps=self.run.eval_num_steps,
+                guidance_scale=guidance, samples_per_prompt=self.run.eval_samples_per_prompt,
+                seed=derive_seed(self.run.seed, 7) % (1 << 31), autocast=self.acc.autocast,
+                keep_images=32 if self.run.save_sample_grid else 0, size=self.size,
+            )
+        metrics = {"iteration": self.iteration, **metrics}
+        if self.acc.is_main_process:
+            from visalign.io import JsonlAppender
+
+            with JsonlAppender(self.run_dir / "eval.jsonl") as w:
+                w.write([metrics])
+            if images is not None:
+                save_grid(images, self.run_dir / "samples" / f"iter_{self.iteration:06d}.png")
+        return metrics
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue as if it had not stopped (plain tensors and
+        numbers).  Algorithms with state of their own extend it."""
+        return {
+            "iteration": self.iteration,
+            "trainable": [p.detach().cpu().clone() for p in self.params],
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "prompt_sampler": self.prompt_sampler.state_dict(),
+            "nan_steps": self.nan_steps,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, state["trainable"]):
+                p.copy_(v.to(p.device, p.dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.prompt_sampler.load_state_dict(state["prompt_sampler"])
+        self.nan_steps = int(state["nan_steps"])
+        self.iteration = int(state["iteration"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.acc.is_main_process:
+            return None
+        return save_checkpoint(self.run_dir, self.iteration, self.state_dict(), keep=self.run.keep_checkpoints)
+
+    def resume(self, run_dir: str | Path | None = None) -> bool:
+        """Continue from the newest checkpoint in ``run_dir``; False if there is none.  Metrics and
+        evaluations logged after that checkpoint are dropped, so the history is not duplicated."""
+        path = latest_checkpoint(run_dir or self.run_dir)
+        if path is None:
+            return False
+        self.load_state_dict(load_checkpoint(path))
+        if self.acc.is_main_process:
+            self.metrics.truncate_after(self.iteration)
+            evals = [r for r in read_jsonl(self.run_dir / "eval.jsonl") if int(r["iteration"]) <= self.iteration]
+            atomic_write_text(self.run_dir / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in evals))
+        return True
+
+    def export(self, iteration: int | None = None) -> Path:
+        """Write the LoRA (EMA weights when kept) of a kept checkpoint, the newest by default, to
+        ``run_dir/export/iter_NNNNNN`` in diffusers' format, like ``final/``; for evaluating an
+        intermediate or interrupted run (``visalign toy eval --lora DIR``)."""
+        path = latest_checkpoint(self.run_dir) if iteration is None else checkpoint_path(self.run_dir, iteration)
+        if path is None or not path.is_file():
+            have = ", ".join(str(checkpoint_iteration(p)) for p in list_checkpoints(self.run_dir)) or "none"
+            raise FileNotFoundError(f"no checkpoint {'' if iteration is None else f'for iteration {iteration} '}in "
+                                    f"{self.run_dir / 'checkpoints'} (kept: {have}); run.keep_checkpoints sets how "
+                                    "many are kept")
+        self.load_state_dict(load_checkpoint(path))
+        return self.save_final(self.run_dir / "export" / path.stem)
+
+    def save_final(self, out: str | Path | None = None) -> Path | None:
+        """LoRA (EMA weights when kept) to ``out`` (default ``run_dir/final``) in diffusers' format;
+        after full fine-tuning, the denoiser's weights as ``denoiser.safetensors``."""
+        if not self.acc.is_main_process:
+            return None
+        from visalign.samplers.lora import has_lora, save_lora
+
+        out = self.run_dir / "final" if out is None else Path(out)
+        with self.ema_weights():
+            if has_lora(self.sampler):
+                return save_lora(self.sampler, out)
+            from safetensors.torch import save_file
+
+            from visalign.io import atomic_write
+
+            out.mkdir(parents=True, exist_ok=True)
+            state = {k: v.contiguous().cpu() for k, v in self.sampler.denoiser.state_dict().items()}
+            atomic_write(out / "denoiser.safetensors", lambda p: save_file(state, str(p)))
+            return out
+
+    # ---- the run loop ------------------------------------------------------------------------------
+    def plot_keys(self, last: dict, final_eval: dict) -> tuple[list[str], list[str]]:
+        """Training and evaluation metrics drawn in ``metrics.png``."""
+        keys = [k for k in last if k.startswith("reward/") and k.endswith("/mean")]
+        train = (["reward/mean"] if "reward/mean" in last else []) + [k for k in keys if k != "reward/mean"][:4]
+        return train or ["loss"], [k for k in final_eval if k.startswith("eval/") and k.count("/") == 1]
+
+    def train(self, iterations: int | None = None) -> dict:
+        """Run to ``iterations`` (default ``run.iterations``): evaluates at the start, every
+        ``run.eval_every`` iterations and at the end; checkpoints every ``run.checkpoint_every``;
+        writes ``final/``, ``eval.json`` and ``metrics.png``.  Returns ``{"initial", "final",
+        "iterations"}``."""
+        from tqdm.auto import tqdm
+
+        total = self.run.iterations if iterations is None else iterations
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.acc.is_main_process:
+            atomic_write_json(self.run_dir / "config.json", {**self.log_config, "algorithm": self.algorithm,
+                                                             self.algorithm: asdict(self.config),
+                                                             "run": asdict(self.run)})
+        if self.acc.trackers == [] and self._available_trackers():
+            self.acc.init_trackers("visalign")
+        first_eval = self.evaluate() if self.iteration == 0 else {}
+        bar = tqdm(total=total, initial=self.iteration, desc=self.algorithm or "train",
+                   disable=not (self.run.progress and self.acc.is_main_process))
+        last: dict = {}
+        while self.iteration < total:
+            last = self.step()
+            bar.update(1)
+            bar.set_postfix({k.split("/")[-2] if k.endswith("/mean") else k: f"{last[k]:.3g}"
+                             for k in self.progress_keys if isinstance(last.get(k), (int, float))})
+            if self.run.eval_every and self.iteration % self.run.eval_every == 0 and self.iteration < total:
+                self.evaluate()
+            if self.run.checkpoint_every and self.iteration % self.run.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        final_eval = self.evaluate()
+        self.save_checkpoint()
+        self.save_final()
+        summary: dict = {}
+        if self.acc.is_main_process:
+            evals = read_jsonl(self.run_dir / "eval.jsonl")
+            summary = {"initial": evals[0] if evals else first_eval, "final": final_eval, "iterations": self.iteration}
+            atomic_write_json(self.run_dir / "eval.json", summary)
+            train_keys, eval_keys = self.plot_keys(last, final_eval)
+            plot_metrics(self.run_dir, train_keys, eval_keys, self.run_dir / "metrics.png")
+        self.metrics.close()
+        self.acc.end_training()
+        return summary
