@@ -40,6 +40,7 @@ from .common.checkpoint import (
 )
 from .common.data import PromptSampler
 from .common.ema import EMA
+from .common.guards import GuardSettings, HackingAlarm, kl_gate, uncertainty_of
 from .common.metrics import MetricsLog, plot_metrics
 from .common.run import RunSettings
 
@@ -118,6 +119,8 @@ class Trainer(abc.ABC):
         accelerator: an ``accelerate.Accelerator``; one is made from ``run`` when omitted.
         log_config: extra sections written to ``config.json`` (the recipe's model, data, rewards).
         size: ``{"height", "width", "num_frames"}`` of rollouts.
+        guards: :class:`~visalign.trainers.common.guards.GuardSettings` (gated KL, adaptive
+            reference, held-out alarm).
     """
 
     #: the registry name; also the progress bar's label and the config's key in config.json
@@ -127,7 +130,8 @@ class Trainer(abc.ABC):
 
     def __init__(self, sampler, config: OptimConfig, *, train_prompts=(), eval_prompts=None,
                  eval_rewards: Mapping | None = None, run: RunSettings | None = None, trainable=None,
-                 accelerator=None, log_config: dict | None = None, size: dict | None = None) -> None:
+                 accelerator=None, log_config: dict | None = None, size: dict | None = None,
+                 guards: GuardSettings | None = None) -> None:
         from accelerate import Accelerator
 
         from visalign.threads import configure_threads
@@ -169,6 +173,12 @@ class Trainer(abc.ABC):
         self._cond_cache: dict[str, object] = {}
         self.log_config = log_config or {}
         self.size = dict(size or {})
+        self.guards = guards or GuardSettings()
+        #: the names of the rewards trained on (set by algorithms that train on rewards): every other
+        #: evaluation reward is held out for the hacking alarm
+        self.trained_reward_names: list[str] = []
+        self.alarm: HackingAlarm | None = None
+        self.reference_refreshes = 0
 
     #: whether the algorithm trains on rewards (a recipe must then name at least one)
     needs_rewards: bool = False
@@ -279,16 +289,37 @@ class Trainer(abc.ABC):
 
     # ---- one logged iteration ------------------------------------------------------------------
     def step(self) -> dict:
-        """One iteration: :meth:`train_step`, then ``iteration``, ``lr`` and wall time are added and
-        the row is logged to ``metrics.jsonl`` (and the trackers)."""
+        """One iteration: the adaptive reference's refresh when due (``guards.reference_refresh_every``),
+        :meth:`train_step`, then ``iteration``, ``lr`` and wall time are added and the row is logged to
+        ``metrics.jsonl`` (and the trackers)."""
         it = self.iteration
         t0 = time.perf_counter()
+        every = self.guards.reference_refresh_every
+        if every and it > 0 and it % every == 0:
+            self.sampler.refresh_reference()
+            self.reference_refreshes += 1
         row = {"iteration": it + 1, **self.train_step(it)}
+        if every:
+            row["reference/refreshes"] = self.reference_refreshes
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         row["time/iteration"] = time.perf_counter() - t0
         self.iteration += 1
         self.metrics.log(row)
         return row
+
+    # ---- guards ---------------------------------------------------------------------------------------
+    def kl_weights(self, components: dict) -> torch.Tensor | None:
+        """``(B,)`` per-sample weights of a KL / anchor term from a reward output's components:
+        GARDO's gate on the reward's uncertainty (``guards.kl_gate_quantile``), or ``None`` (all 1)."""
+        g = self.guards
+        if g.kl_gate_quantile is None:
+            return None
+        u = uncertainty_of(components, g.uncertainty_component)
+        if u is None:
+            raise ValueError(f"guards.kl_gate_quantile needs a trained reward with an {g.uncertainty_component!r} "
+                             f"component (a head ensemble from `visalign rewards train`, or shapes-proxy); the "
+                             f"reward has {sorted(components)}. Set guards.kl_gate_quantile: null or change the reward")
+        return kl_gate(u, g.kl_gate_quantile)
 
     # ---- evaluation ------------------------------------------------------------------------------
     def ema_weights(self):
@@ -313,6 +344,17 @@ class Trainer(abc.ABC):
                 keep_images=32 if self.run.save_sample_grid else 0, size=self.size,
             )
         metrics = {"iteration": self.iteration, **metrics}
+        if self.trained_reward_names:
+            if self.alarm is None:
+                self.alarm = HackingAlarm(self.trained_reward_names, self.guards.alarm_tolerance)
+            metrics.update(self.alarm.update(metrics, list(self.eval_rewards)))
+            if metrics.get("alarm/hacking") and self.acc.is_main_process:
+                from tqdm.auto import tqdm
+
+                held = ", ".join(f"{k.split('/')[1]} -{v:.3f}" for k, v in metrics.items()
+                                 if k.endswith("/below_peak") and v > self.guards.alarm_tolerance)
+                tqdm.write(f"{self.algorithm}: hacking alarm at iteration {self.iteration}: the trained reward rose "
+                           f"while held-out rewards fell below their peak ({held})")
         if self.acc.is_main_process:
             from visalign.io import JsonlAppender
 
@@ -335,6 +377,9 @@ class Trainer(abc.ABC):
             "prompt_sampler": self.prompt_sampler.state_dict(),
             "nan_steps": self.nan_steps,
             "torch_rng": torch.get_rng_state(),
+            "reference_refreshes": self.reference_refreshes,
+            "reference": self.sampler.reference_state() if self.reference_refreshes else None,
+            "alarm": self.alarm.state_dict() if self.alarm is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -349,6 +394,12 @@ class Trainer(abc.ABC):
         self.nan_steps = int(state["nan_steps"])
         self.iteration = int(state["iteration"])
         torch.set_rng_state(state["torch_rng"])
+        self.reference_refreshes = int(state.get("reference_refreshes", 0))
+        if state.get("reference") is not None:
+            self.sampler.load_reference_state(state["reference"])
+        if state.get("alarm") is not None:
+            self.alarm = HackingAlarm(self.trained_reward_names, self.guards.alarm_tolerance)
+            self.alarm.load_state_dict(state["alarm"])
 
     def save_checkpoint(self) -> Path | None:
         if not self.acc.is_main_process:

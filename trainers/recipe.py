@@ -20,6 +20,7 @@ from typing import Any
 from visalign.config import ConfigError, apply_overrides, from_dict, read_yaml
 
 from . import registry
+from .common.guards import GuardSettings
 from .common.lora import LoraSettings
 from .common.run import RunSettings
 
@@ -67,6 +68,8 @@ class TrainRecipe:
     reward_options: dict[str, Any] = field(default_factory=dict)
     lora: LoraSettings | None = field(default_factory=LoraSettings)
     run: RunSettings = field(default_factory=RunSettings)
+    #: hacking guards: gated KL, adaptive reference, held-out alarm (trainers/common/guards.py)
+    guards: GuardSettings = field(default_factory=GuardSettings)
     #: the algorithm's config (built from the section named like the algorithm)
     config: Any = None
 
@@ -130,8 +133,9 @@ def build_trainer(recipe: TrainRecipe, accelerator=None):
         train = balance(train, recipe.data.balance_by)
     evals = load_prompts(recipe.data.eval)[: recipe.data.eval_max_prompts] if recipe.data.eval else []
     log = {"model": asdict(recipe.model), "data": asdict(recipe.data), "rewards": recipe.rewards,
-           "eval_rewards": recipe.eval_rewards, "lora": asdict(recipe.lora) if recipe.lora else None}
+           "eval_rewards": recipe.eval_rewards, "lora": asdict(recipe.lora) if recipe.lora else None,
+           "guards": asdict(recipe.guards)}
     return trainer_cls.from_parts(
         sampler, recipe.config, rewards=rewards, train_prompts=train, eval_prompts=evals, eval_rewards=eval_rewards,
-        run=recipe.run, trainable=trainable, accelerator=accelerator, log_config=log,
+        run=recipe.run, trainable=trainable, accelerator=accelerator, log_config=log, guards=recipe.guards,
         size={k: v for k, v in (("height", m.height), ("width", m.width)) if v})

@@ -168,3 +168,48 @@ def test_bf16_weights_recompute_the_rollout_log_prob_exactly(tiny_model_dir, fam
         again = sampler.log_prob(traj, detach_uncond=True)
     assert traj.latents.dtype == torch.float32
     assert torch.equal(again.log_prob, traj.log_probs[:, traj.sde_steps])  # ratio == 1 exactly
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_refresh_reference_makes_the_current_weights_the_reference(tiny_model_dir, lora):
+    """An adaptive reference: after refresh_reference() the reference predicts what the policy
+    predicted then, it stays frozen while the policy moves on, and its state restores exactly."""
+    from visalign.samplers.lora import add_lora
+
+    sampler = vs.load(str(tiny_model_dir("sd3")), max_sequence_length=16)
+    torch.manual_seed(0)
+    if lora:
+        params = add_lora(sampler, rank=2, alpha=2, init="default")
+    else:
+        sampler.keep_reference_copy()
+        params = list(sampler.denoiser.parameters())
+    cond = sampler.encode(["a red cube"])
+    x = sampler.noise(1, torch.Generator().manual_seed(0), **SIZES).float()
+    sched = sampler.schedule(3, x)
+
+    def pred(reference=False):
+        with torch.no_grad():
+            if reference:
+                with sampler.reference():
+                    return sampler.denoise(x, 1, sched, cond, 2.0)
+            return sampler.denoise(x, 1, sched, cond, 2.0)
+
+    def move():
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.02 * torch.randn_like(p))
+
+    move()
+    base = pred(reference=True)
+    assert (pred() - base).abs().max() > 1e-4  # the policy differs from the base
+    sampler.refresh_reference()
+    assert torch.equal(pred(reference=True), pred())
+    snapshot = pred()
+    state = sampler.reference_state()
+    move()
+    assert torch.equal(pred(reference=True), snapshot)  # frozen while the policy moves
+    assert (pred() - snapshot).abs().max() > 1e-4
+    assert all(p.requires_grad for p in params)  # the trainable weights stay trainable
+    sampler.refresh_reference()
+    sampler.load_reference_state(state)  # a checkpoint's reference comes back exactly
+    assert torch.equal(pred(reference=True), snapshot)

@@ -98,6 +98,7 @@ class RewardBackpropTrainer(Trainer):
         check_differentiable(rewards)
         super().__init__(sampler, config, **kwargs)
         self.reward_weights = {name: float(w) for name, (_, w) in rewards.items()}
+        self.trained_reward_names = list(rewards)
         self.reward = CombinedReward([(n, r, float(w)) for n, (r, w) in rewards.items()], "none", None, "sum", None)
 
     # ---- pieces ------------------------------------------------------------------------------------
@@ -181,7 +182,11 @@ class RewardBackpropTrainer(Trainer):
         else:
             per_sample = -c.reward_weight * r
         kl = anchor.value()
-        if kl is not None:  # one term per scored sample
+        if kl is not None:  # one term per scored sample, gated by the reward's uncertainty when asked
+            gate = self.kl_weights(out.components)
+            if gate is not None:
+                kl = kl * gate.to(kl.device)
+                stats["kl_gate"] = gate
             per_sample = per_sample + c.kl_beta * kl.to(per_sample.device)
         loss = torch.where(valid, per_sample, 0.0).sum() / valid.sum().clamp_min(1)
         stats.update({"scores": out.scores.detach().float().cpu(), "valid": valid.cpu(),
@@ -268,6 +273,9 @@ class RewardBackpropTrainer(Trainer):
             row[f"reward/{name}/mean"], row[f"reward/{name}/std"] = m, s
         kls = [s["kl"] for s in collected if s["kl"] is not None]
         row["kl"] = float(torch.cat(kls).mean()) if kls else float("nan")
+        gates = [s["kl_gate"] for s in collected if "kl_gate" in s]
+        if gates:
+            row["kl/gated_fraction"] = float(torch.cat(gates).float().mean())
         for key in ("grad_steps", "refl_step"):
             if key in collected[0]:
                 row[key] = sum(s[key] for s in collected) / len(collected)

@@ -104,6 +104,8 @@ class GroupBatch:
     all_valid: torch.Tensor
     all_keep: torch.Tensor
     generator: torch.Generator
+    #: ``(B,)`` per-sample weights of the KL term (GARDO's uncertainty gate), or ``None`` (all 1)
+    kl_weight: torch.Tensor | None = None
 
     @property
     def traj(self):
@@ -133,6 +135,7 @@ class GroupTrainer(Trainer):
         super().__init__(sampler, config, **kwargs)
         config.check_geometry(self.acc.num_processes)
         self.reward_weights = {name: float(w) for name, (_, w) in rewards.items()}
+        self.trained_reward_names = list(rewards)
         if len(rewards) > 1:  # components keep each reward's native score under its name
             self.reward = CombinedReward([(n, r, float(w)) for n, (r, w) in rewards.items()], "none", None, "sum", None)
         else:
@@ -185,7 +188,8 @@ class GroupTrainer(Trainer):
             adv, keep = group_advantages(all_scores, all_valid, c.group_size, std=c.advantage_std, clip=c.advantage_clip)
         n = scores.shape[0]
         lo = acc.process_index * n
-        return GroupBatch(rollout, scores, valid, adv[lo : lo + n], keep[lo : lo + n], all_scores, all_valid, keep, gen)
+        return GroupBatch(rollout, scores, valid, adv[lo : lo + n], keep[lo : lo + n], all_scores, all_valid, keep, gen,
+                          kl_weight=self.kl_weights(out.components))
 
     def reward_metrics(self, batch: GroupBatch) -> dict:
         """The iteration's reward, component and advantage statistics, and the collect timings."""
@@ -200,6 +204,8 @@ class GroupTrainer(Trainer):
                     "advantage/std": float(adv.std(unbiased=False)) if adv.numel() > 1 else 0.0,
                     "advantage/abs_max": float(adv.abs().max()) if adv.numel() else 0.0,
                     "groups/kept_fraction": float(batch.all_keep.float().mean())})
+        if batch.kl_weight is not None:
+            row["kl/gated_fraction"] = float(batch.kl_weight.mean())
         t = batch.rollout.timings
         row.update({"time/rollout": t["rollout"] + t["decode"], "time/reward": t["reward"]})
         return row

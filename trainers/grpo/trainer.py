@@ -92,8 +92,10 @@ class GRPOTrainer(GroupTrainer):
             steps = [steps[i] for i in pick]
         return steps
 
-    def _step_loss(self, sub: Trajectory, t: int, adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Per-sample loss ``(b,)`` at step ``t`` and its statistics."""
+    def _step_loss(self, sub: Trajectory, t: int, adv: torch.Tensor,
+                   kl_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Per-sample loss ``(b,)`` at step ``t`` and its statistics; ``kl_weight (b,)`` gates the KL
+        term per sample (``guards.kl_gate_quantile``)."""
         c = self.config
         with self.acc.autocast():
             new = self.sampler.log_prob(sub, steps=[t], detach_uncond=c.detach_uncond)
@@ -111,6 +113,8 @@ class GRPOTrainer(GroupTrainer):
                 ref = self.sampler.log_prob(sub, steps=[t])
             diff = (new.mean[:, 0] - ref.mean[:, 0]) ** 2
             kl = diff.flatten(1).mean(1) / (2 * kl_std**2)
+        if kl_weight is not None:
+            kl = kl * kl_weight.to(kl.device)
         loss = pg + c.kl_beta * kl
         stats = {"ratio": ratio.detach(), "kl": kl.detach(), "pg": pg.detach(),
                  "clipped": ((ratio - 1).abs() > c.clip_range).detach().float()}
@@ -123,8 +127,9 @@ class GRPOTrainer(GroupTrainer):
         def terms(mb):
             sub = traj[mb.to(traj.latents.device)]
             a = adv[mb].to(self.sampler.device)
+            w = None if batch.kl_weight is None else batch.kl_weight[mb]
             for t in steps:
-                yield self._step_loss(sub, t, a)
+                yield self._step_loss(sub, t, a, w)
 
         t0 = time.perf_counter()
         out = self.minibatch_updates(torch.nonzero(batch.keep).flatten(), batch.generator, len(steps), terms)

@@ -73,8 +73,10 @@ class NFTTrainer(GroupTrainer):
         x_t = self.sampler.add_noise(x0, eps, self._sigma(sub, t, x0))
         return self.sampler.denoise(x_t, t, sub.schedule, sub.cond, sub.guidance_scale)
 
-    def _loss(self, sub: Trajectory, k: int, t: int, adv: torch.Tensor, draws: dict, rows: torch.Tensor):
-        """Per-sample loss ``(b,)`` at the ``k``-th drawn level (step ``t``) and its statistics."""
+    def _loss(self, sub: Trajectory, k: int, t: int, adv: torch.Tensor, draws: dict, rows: torch.Tensor,
+              kl_weight: torch.Tensor | None = None):
+        """Per-sample loss ``(b,)`` at the ``k``-th drawn level (step ``t``) and its statistics;
+        ``kl_weight (b,)`` gates the velocity anchor per sample (``guards.kl_gate_quantile``)."""
         c = self.config
         x0, eps = draws["x0"][rows], draws["eps"][rows, k]
         with self.acc.autocast():
@@ -99,6 +101,8 @@ class NFTTrainer(GroupTrainer):
         if kl is None:  # without the anchor, "kl" logs the drift from the sampling policy
             kl = ((v.detach() - v_old) ** 2).flatten(1).mean(1)
         else:
+            if kl_weight is not None:
+                kl = kl * kl_weight.to(kl.device)
             loss = loss + c.kl_beta * kl
         return loss, {"kl": kl.detach(), "nft_loss": fm}
 
@@ -114,8 +118,9 @@ class NFTTrainer(GroupTrainer):
         def terms(mb):
             sub = traj[mb.to(traj.latents.device)]
             a = adv[mb].to(self.sampler.device)
+            w = None if batch.kl_weight is None else batch.kl_weight[mb]
             for k, t in enumerate(draws["steps"]):
-                yield self._loss(sub, k, t, a, draws, mb)
+                yield self._loss(sub, k, t, a, draws, mb, w)
 
         t0 = time.perf_counter()
         out = self.minibatch_updates(idx_all, batch.generator, len(draws["steps"]), terms)

@@ -667,14 +667,28 @@ class Sampler:
             kl_std=torch.stack([o.kl_std for o in outs]),
         )
 
+    #: the peft adapter that holds a refreshed reference (see :meth:`refresh_reference`)
+    REFERENCE_ADAPTER = "reference"
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """Run ``denoise`` with the frozen reference weights inside this block.
 
         With peft LoRA adapters on ``denoiser`` the adapters are disabled (no second model
-        copy); after full fine-tuning a copy kept by :meth:`keep_reference_copy` is swapped in.
+        copy), or, after :meth:`refresh_reference`, the frozen ``"reference"`` adapter is the
+        active one; after full fine-tuning a copy kept by :meth:`keep_reference_copy` (or the
+        latest refresh) is swapped in.  The trainable weights are never written, so a graph built
+        before the block stays valid.
         """
-        if getattr(self.denoiser, "peft_config", None):
+        peft = getattr(self.denoiser, "peft_config", None)
+        if peft and self.REFERENCE_ADAPTER in peft:
+            active = [a for a in self.denoiser.active_adapters() if a != self.REFERENCE_ADAPTER]
+            self.denoiser.set_adapters([self.REFERENCE_ADAPTER])
+            try:
+                yield
+            finally:
+                self.denoiser.set_adapters(active)
+        elif peft:
             self.denoiser.disable_adapters()
             try:
                 yield
@@ -698,6 +712,64 @@ class Sampler:
 
         ref = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
         self._reference_module = ref
+
+    def refresh_reference(self, adapter_name: str = "default") -> None:
+        """Make the current weights the reference (an adaptive reference, GARDO / online DPO's
+        refresh).  With LoRA the trained adapter's weights are copied into a frozen second adapter
+        (``"reference"``), so the reference costs one more LoRA, not a model copy; after full
+        fine-tuning the kept copy is replaced by a copy of the current denoiser."""
+        peft = getattr(self.denoiser, "peft_config", None)
+        if not peft:
+            self.keep_reference_copy()
+            return
+        import copy
+
+        name = self.REFERENCE_ADAPTER
+        if name not in peft:
+            import warnings
+
+            active = list(self.denoiser.active_adapters())
+            with warnings.catch_warnings():  # peft warns that a second adapter is being added: intended
+                warnings.simplefilter("ignore", UserWarning)
+                self.denoiser.add_adapter(copy.deepcopy(peft[adapter_name]), adapter_name=name)
+            self.denoiser.set_adapters(active)  # add_adapter activates the new one
+        self.load_reference_state(self.reference_state(adapter_name))
+
+    def reference_state(self, adapter_name: str | None = None) -> dict[str, torch.Tensor] | None:
+        """The refreshed reference's weights (``None`` when the reference is the base): the
+        ``"reference"`` adapter's, or those of ``adapter_name`` to copy them there; for checkpoints."""
+        peft = getattr(self.denoiser, "peft_config", None)
+        if peft:
+            src = adapter_name or self.REFERENCE_ADAPTER
+            if src not in peft:
+                return None
+            tag = f".{src}."
+            return {n.replace(tag, "."): p.detach().clone() for n, p in self.denoiser.named_parameters()
+                    if "lora_" in n and tag in n + "."}
+        if self._reference_module is None:
+            return None
+        return {k: v.detach().clone() for k, v in self._reference_module.state_dict().items()}
+
+    def load_reference_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Restore :meth:`reference_state` (strict: every key must match)."""
+        if state is None:
+            return
+        peft = getattr(self.denoiser, "peft_config", None)
+        if peft:
+            if self.REFERENCE_ADAPTER not in peft:
+                self.refresh_reference()
+            tag = f".{self.REFERENCE_ADAPTER}."
+            params = {n.replace(tag, "."): p for n, p in self.denoiser.named_parameters() if "lora_" in n and tag in n + "."}
+            if set(params) != set(state):
+                raise KeyError(f"reference state does not match the reference adapter: {sorted(set(params) ^ set(state))[:4]}")
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(state[k].to(p.device, p.dtype))
+                    p.requires_grad_(False)
+            return
+        if self._reference_module is None:
+            self.keep_reference_copy()
+        self._reference_module.load_state_dict(state, strict=True)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], **rollout_kwargs) -> torch.Tensor:
