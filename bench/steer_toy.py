@@ -1,0 +1,212 @@
+"""The steering demonstration on the toy world (docs/steering.md, "Measured on the toy world").
+
+Runs one steering method over the eval prompts (``--seeds`` images per prompt) and appends one JSON
+row per steered image to ``OUT`` (resumable: jobs already there are skipped): the chosen image's
+gold verdict (strict pass, partial credit), its ``shapes-proxy`` score, every candidate's gold
+strict verdict (best-of-N: all N, so best-of-k for k <= N is read off the same run), the compute.
+
+    python bench/steer_toy.py --method bon --k 8 --out runs/steer_toy/bon8.jsonl
+    python bench/steer_toy.py --method fk --k 4 --potential gold --out runs/steer_toy/fk4_gold.jsonl
+    python bench/steer_toy.py --report runs/steer_toy          # the table and the curve
+
+The gold verifier (`shapes`, partial credit) is the potential only where the table says so (the
+oracle case); otherwise the learned ``shapes-proxy`` steers and the gold verifier only judges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def jobs(seeds: int, per_tag: int | None):
+    from visalign.toy.prompts import TAGS, split
+
+    metas = split("eval")
+    if per_tag:
+        metas = [m for t in TAGS for m in [x for x in metas if x["tag"] == t][:per_tag]]
+    # seed-major: any prefix of the job list is whole seeds over every prompt (balanced categories)
+    return [(j, m) for j, m in enumerate(m for _ in range(seeds) for m in metas)]
+
+
+def run(args) -> None:
+    import visalign.rewards as vr
+    import visalign.samplers as vs
+    from visalign.toy.verify import verify
+    from visalign.trainers.steering import FKConfig, GuidanceConfig, best_of_n, fk_steer, guided, noise_search
+    from visalign.trainers.steering.search import SearchConfig
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.exists():
+        done = {json.loads(line)["job"] for line in out.read_text().splitlines() if line.strip()}
+    todo = [(j, m) for j, m in jobs(args.seeds, args.per_tag) if j not in done]
+    sampler = vs.load("toy-shapes")
+    gold, proxy = vr.load("shapes"), vr.load("shapes-proxy")
+    potential = gold if args.potential == "gold" else proxy
+    fk = FKConfig(lam=args.lam, potential=args.fk_potential, resampling=args.resampling, resample_every=args.every,
+                  resample_start=args.start, resample_end=args.end, adaptive=args.adaptive, lookahead=args.lookahead,
+                  final_resample=not args.no_final_resample)
+    gcfg = GuidanceConfig(scale=args.gscale, max_grad_norm=args.max_grad_norm, through_denoiser=args.through,
+                          start=args.gstart, end=args.gend, schedule=args.gschedule)
+    common = dict(num_steps=args.steps, guidance_scale=3.0, prompts_per_batch=args.batch_prompts)
+    print(f"{len(todo)} jobs to run -> {out}", flush=True)
+    for c in range(0, len(todo), args.chunk):
+        part = todo[c:c + args.chunk]
+        prompts, metas = [m["prompt"] for _, m in part], [m for _, m in part]
+        seed = args.seed + part[0][0] * 1000  # job-indexed seeds: a resumed run draws what it would have drawn
+        t0 = time.perf_counter()
+        if args.method == "bon":
+            res = best_of_n(sampler, prompts, potential, n=args.k, metadata=metas, seed=seed, keep_particles=True,
+                            kernel=args.kernel or "ode", **common)
+        elif args.method == "fk":
+            res = fk_steer(sampler, prompts, potential, fk, particles=args.k, metadata=metas, seed=seed,
+                           keep_particles=True, kernel=args.kernel, **common)
+        elif args.method == "fk+guidance":
+            res = fk_steer(sampler, prompts, potential, fk, particles=args.k, metadata=metas, seed=seed,
+                           proposal=gcfg, proposal_reward=proxy, keep_particles=True, kernel=args.kernel, **common)
+        elif args.method == "guidance":
+            res = guided(sampler, prompts, proxy, gcfg, metadata=metas, seed=seed, keep_particles=True,
+                         kernel=args.kernel or "ode", **common)
+        elif args.method == "search":
+            res = noise_search(sampler, prompts, potential, SearchConfig(rounds=args.rounds, radius=args.radius),
+                               candidates=args.k, metadata=metas, seed=seed, keep_particles=True, **common)
+        else:
+            raise SystemExit(f"unknown method {args.method}")
+        rows = []
+        for (j, meta), item in zip(part, res.items):
+            v = verify(item.image.unsqueeze(0), metadata=[meta])[0]
+            cand = verify(item.particles, metadata=[meta] * item.particles.shape[0])
+            with torch.no_grad():
+                p = proxy(item.image.unsqueeze(0), [meta["prompt"]]).scores
+                cp = proxy(item.particles, [meta["prompt"]] * item.particles.shape[0]).scores
+            rows.append({"job": j, "prompt": meta["prompt"], "tag": meta["tag"], "strict": float(v.strict),
+                         "partial": float(v.partial), "proxy": float(p[0]), "steer_reward": item.reward,
+                         "candidates_strict": [float(x.strict) for x in cand],
+                         "candidates_partial": [float(x.partial) for x in cand], "candidates_proxy": cp.tolist(), "particle_rewards": item.particle_rewards,
+                         "chosen": item.chosen, "compute": {k: v for k, v in res.compute.items() if k != "total_seconds"}})
+        with out.open("a") as fh:
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+        dt = time.perf_counter() - t0
+        acc = sum(r["strict"] for r in rows) / len(rows)
+        print(f"{c + len(part)}/{len(todo)} jobs, {dt:.1f} s, chunk strict {acc:.3f}", flush=True)
+
+
+def overall(rows, key="strict"):
+    from visalign.toy.prompts import TAGS, overall as geneval_overall
+
+    cats = {}
+    for t in TAGS:
+        vals = [r[key] for r in rows if r["tag"] == t]
+        if vals:
+            cats[t] = sum(vals) / len(vals)
+    return geneval_overall(cats), cats
+
+
+def best_of_first(rows, k, by="particle_rewards"):
+    """Best-of-k read off a best-of-N run (k <= N): the candidate with the highest steering reward among
+    the first k (their seeds are those a best-of-k run draws), judged by the gold verifier."""
+    out = []
+    for r in rows:
+        rew = [x if x == x else -1e9 for x in r[by][:k]]
+        c = max(range(k), key=lambda i: rew[i])
+        out.append(dict(r, strict=r["candidates_strict"][c]))
+    return out
+
+
+def summary(path, k=None, by="particle_rewards"):
+    rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    if k is not None:
+        rows = best_of_first(rows, k, by)
+    o, cats = overall(rows)
+    comp = rows[0]["compute"]
+    return {"n": len(rows), "overall": o, "per_category": cats, "strict_all": sum(r["strict"] for r in rows) / len(rows),
+            "denoiser_calls": comp["denoiser_calls"], "reward_calls": comp["reward_calls"],
+            "seconds": sum(r["compute"]["seconds"] for r in rows) / len(rows)}
+
+
+def plot_curve(bon: str, fk: dict[int, str], out: str, bon_proxy: bool = False) -> None:
+    """Overall gold accuracy against k: best-of-k (read off one best-of-N run) and FK-k (one run each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(fk)
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=150)
+    bk = [k for k in (1, 2, 4, 8) if k <= len(json.loads(Path(bon).read_text().splitlines()[0])["particle_rewards"])]
+    ax.plot(bk, [summary(bon, k)["overall"] for k in bk], "o-", label="best-of-k (gold selects)")
+    if bon_proxy:
+        ax.plot(bk, [summary(bon, k, "candidates_proxy")["overall"] for k in bk], "s--", label="best-of-k (proxy selects)")
+    ax.plot(ks, [summary(fk[k])["overall"] for k in ks], "^-", label="FK-k (gold potential)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(bk) | set(ks)), [str(k) for k in sorted(set(bk) | set(ks))])
+    ax.set_xlabel("k (denoiser calls per image = 20 k)")
+    ax.set_ylabel("gold strict accuracy (GenEval mean)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="bon", choices=["bon", "fk", "guidance", "fk+guidance", "search"])
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--potential", default="proxy", choices=["gold", "proxy"])
+    p.add_argument("--out", default="runs/steer_toy/out.jsonl")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt")
+    p.add_argument("--per-tag", type=int, default=None, help="only the first N prompts of each category (tuning)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--kernel", default=None)
+    p.add_argument("--lam", type=float, default=10.0)
+    p.add_argument("--fk-potential", default="difference")
+    p.add_argument("--resampling", default="multinomial")
+    p.add_argument("--every", type=int, default=2)
+    p.add_argument("--start", type=int, default=2)
+    p.add_argument("--end", type=int, default=8)
+    p.add_argument("--adaptive", action="store_true")
+    p.add_argument("--lookahead", type=int, default=0)
+    p.add_argument("--no-final-resample", action="store_true")
+    p.add_argument("--gscale", type=float, default=1.0)
+    p.add_argument("--gstart", type=int, default=0)
+    p.add_argument("--gend", type=int, default=None)
+    p.add_argument("--gschedule", default="constant")
+    p.add_argument("--max-grad-norm", type=float, default=None)
+    p.add_argument("--through", action="store_true", help="guidance gradient through the denoiser")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--radius", type=float, default=0.5)
+    p.add_argument("--batch-prompts", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=64, help="jobs per appended chunk")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--summary", nargs="+", default=None,
+                   help="print the summary of these JSONL files (FILE, FILE:k or FILE:k:candidates_proxy)")
+    p.add_argument("--plot", nargs="+", default=None,
+                   help="the curve: BON_FILE K=FK_FILE ... OUT.png (best-of-k read off BON_FILE)")
+    args = p.parse_args()
+    if args.plot:
+        bon, *pairs, png = args.plot
+        plot_curve(bon, {int(k): f for k, _, f in (x.partition("=") for x in pairs)}, png, bon_proxy=True)
+        return
+    if args.summary:
+        for spec in args.summary:
+            path, _, rest = spec.partition(":")
+            k, _, by = rest.partition(":")
+            s = summary(path, int(k) if k else None, by or "particle_rewards")
+            cats = " ".join(f"{t[:5]} {v:.3f}" for t, v in s["per_category"].items())
+            print(f"{spec}: n {s['n']} overall {s['overall']:.3f} (all {s['strict_all']:.3f}) NFE {s['denoiser_calls']:.0f} "
+                  f"reward {s['reward_calls']:.1f} s/img {s['seconds']:.2f} | {cats}")
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
