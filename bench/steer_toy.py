@@ -110,6 +110,49 @@ def overall(rows, key="strict"):
     return geneval_overall(cats), cats
 
 
+def diagnose(seeds: int = 1, steps: int = 10, lookahead: int = 2) -> dict:
+    """How well the potential predicts the outcome: ROC AUC of the gold partial credit of the
+    x0-prediction (and of a ``lookahead``-step ODE look-ahead) after each step, against the final
+    image's gold strict pass, on flow-SDE rollouts of the eval prompts (FK's proposal).  FK can only
+    beat best-of-N where this is well above 0.5 early enough for copies to diverge."""
+    import numpy as np
+
+    import visalign.samplers as vs
+    from visalign.toy.verify import verify
+    from visalign.trainers.steering.common import CountingDenoiser, lookahead_x0
+
+    sampler = vs.load("toy-shapes")
+    metas = [m for _, m in jobs(seeds, None)]
+    den = CountingDenoiser(sampler, 3.0)
+    partial: dict[str, list] = {}
+
+    class Probe:
+        def after_step(self, state):
+            meta = metas[self.start:self.start + state.latents.shape[0]]
+            if state.i < steps - 1:
+                for name, x0 in (("x0", state.step.x0),
+                                 (f"lookahead{lookahead}", lookahead_x0(den, state.latents, state.schedule, state.i + 1,
+                                                                        lookahead, state.cond))):
+                    v = verify(sampler.decode(x0).float(), metadata=meta)
+                    partial.setdefault(f"{name}@{state.i + 1}", []).extend(x.partial for x in v)
+
+    probe, final = Probe(), []
+    for start in range(0, len(metas), 128):
+        probe.start = start
+        part = metas[start:start + 128]
+        r = vs.collect(sampler, [m["prompt"] for m in part], num_steps=steps, guidance_scale=3.0, kernel="flow_sde",
+                       seeds=list(range(start, start + len(part))), hooks=[probe])
+        final += [float(v.strict) for v in verify(r.images, metadata=part)]
+    y = np.array(final)
+
+    def auc(score):
+        s = np.array(score)
+        pos, neg = s[y == 1], s[y == 0]
+        return float(((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()))
+
+    return {"n": len(y), "final_pass": float(y.mean()), "auc": {k: round(auc(v), 3) for k, v in partial.items()}}
+
+
 def best_of_first(rows, k, by="particle_rewards"):
     """Best-of-k read off a best-of-N run (k <= N): the candidate with the highest steering reward among
     the first k (their seeds are those a best-of-k run draws), judged by the gold verifier."""
@@ -189,9 +232,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--summary", nargs="+", default=None,
                    help="print the summary of these JSONL files (FILE, FILE:k or FILE:k:candidates_proxy)")
+    p.add_argument("--diagnose", action="store_true", help="AUC of the intermediate potentials for the final pass")
     p.add_argument("--plot", nargs="+", default=None,
                    help="the curve: BON_FILE K=FK_FILE ... OUT.png (best-of-k read off BON_FILE)")
     args = p.parse_args()
+    if args.diagnose:
+        print(json.dumps(diagnose(args.seeds), indent=1))
+        return
     if args.plot:
         bon, *pairs, png = args.plot
         plot_curve(bon, {int(k): f for k, _, f in (x.partition("=") for x in pairs)}, png, bon_proxy=True)
