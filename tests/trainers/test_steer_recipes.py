@@ -61,7 +61,9 @@ def test_toy_recipe_runs_through_the_command_line(recipe, tmp_path):
     assert row["method"] == cfg.method and row["reward_spec"] == "shapes-proxy" and 0 <= row["reward"] <= 1
     assert set(row["compute"]) >= {"denoiser_calls", "reward_calls", "denoiser_grad_calls", "seconds"}
     rounds = cfg.search.rounds if cfg.method == "search" else 1
-    assert row["compute"]["denoiser_calls"] == rounds * cfg.particles * 3 * 2  # (rounds x) k x steps x (cond + uncond)
+    ahead = sum(min(cfg.fk.lookahead, 3 - (i + 1)) for i in cfg.fk.resample_steps(3)) if cfg.method.startswith("fk") else 0
+    # (rounds x) k x (steps + look-ahead steps) x (cond + uncond)
+    assert row["compute"]["denoiser_calls"] == rounds * cfg.particles * (3 + ahead) * 2
     assert len(row["particle_rewards"]) == cfg.particles and row["settings"]["num_steps"] == 3
     assert (out / row["file"]).is_file() and (out / row["grid"]).is_file()
     if cfg.method.startswith("fk"):
