@@ -199,6 +199,37 @@ def plot_curve(bon: str, fk: dict[int, str], out: str, bon_proxy: bool = False) 
     fig.savefig(out)
 
 
+def table(folder: str) -> str:
+    """The markdown table of docs/steering.md from the run files in ``folder`` (missing runs skipped)."""
+    f = Path(folder)
+    lines = ["| method (k) | steers with | selects with | gold strict (GenEval mean) | all samples | denoiser calls / image | reward calls / image | s / image |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def add(name, steer, select, path, k=None, by="particle_rewards", scale_time=1.0):
+        if not (f / path).exists():
+            return
+        first = json.loads((f / path).read_text().splitlines()[0])
+        if k is not None and (by not in first or len(first[by]) < k):
+            return
+        s = summary(f / path, k, by)
+        nfe = s["denoiser_calls"] * (k / 8 if k else 1) if path.startswith("bon8") else s["denoiser_calls"]
+        rc = (k if k else s["reward_calls"]) if path.startswith("bon8") else s["reward_calls"]
+        lines.append(f"| {name} | {steer} | {select} | **{s['overall']:.3f}** | {s['strict_all']:.3f} | {nfe:.0f} | "
+                     f"{rc:.0f} | {s['seconds'] * scale_time:.2f} |")
+
+    add("base (ODE, 1 sample)", "-", "-", "bon8_gold.jsonl", 1, scale_time=1 / 8)
+    for k in (2, 4, 5, 8):
+        add(f"best-of-{k} (ODE)", "-", "gold", "bon8_gold.jsonl", k, scale_time=k / 8)
+    for k in (2, 4, 8):
+        add(f"best-of-{k} (ODE)", "-", "shapes-proxy", "bon8_gold.jsonl", k, "candidates_proxy", scale_time=k / 8)
+    for k in (2, 4, 8):
+        add(f"FK k = {k}", "gold (potential)", "gold", f"fk{k}_gold.jsonl")
+    add("FK k = 4", "shapes-proxy (potential)", "shapes-proxy", "fk4_proxy.jsonl")
+    add("guidance", "shapes-proxy (gradient)", "-", "guidance_proxy.jsonl")
+    add("FK + guidance k = 4", "shapes-proxy (potential + gradient)", "shapes-proxy", "fk4g_proxy.jsonl")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="bon", choices=["bon", "fk", "guidance", "fk+guidance", "search"])
@@ -232,10 +263,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--summary", nargs="+", default=None,
                    help="print the summary of these JSONL files (FILE, FILE:k or FILE:k:candidates_proxy)")
+    p.add_argument("--table", default=None, help="print the docs table from the runs in this folder")
     p.add_argument("--diagnose", action="store_true", help="AUC of the intermediate potentials for the final pass")
     p.add_argument("--plot", nargs="+", default=None,
                    help="the curve: BON_FILE K=FK_FILE ... OUT.png (best-of-k read off BON_FILE)")
     args = p.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     if args.diagnose:
         print(json.dumps(diagnose(args.seeds), indent=1))
         return
