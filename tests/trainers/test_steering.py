@@ -332,6 +332,9 @@ def test_search_never_loses_its_best_and_radius_one_is_random_search(sd3):
     assert len(rounds) == 3
     best_seen = max(max(r["scores"]) for r in rounds)
     assert res.items[0].reward == pytest.approx(best_seen)
+    item = res.items[0]
+    assert item.particle_rewards[item.chosen] == pytest.approx(best_seen)
+    assert rounds[item.extra["best_round"] - 1]["scores"] == item.particle_rewards
     with pytest.raises(ValueError, match="radius"):
         SearchConfig(radius=0.0)
 

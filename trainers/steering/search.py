@@ -69,6 +69,7 @@ def noise_search(sampler, prompts: Sequence[str], reward: Callable, config: Sear
     rounds: list[list[dict]] = [[] for _ in prompts]
     history: list[list] = [[] for _ in prompts]
     keep: list[torch.Tensor | None] = [None] * len(prompts)
+    found: list[dict] = [{} for _ in prompts]  # where each image's best candidate was found
     a, b = math.sqrt(1 - config.radius ** 2), config.radius
     for r in range(config.rounds):
         cand = []
@@ -98,6 +99,7 @@ def noise_search(sampler, prompts: Sequence[str], reward: Callable, config: Sear
                     best[j] = sj[c]
                     best_images[j] = images[gi * n + c]
                     pivots[j] = latents[j * n + c]
+                    found[j] = {"round": r + 1, "chosen": c, "scores": [float(v) for v in s[rows]]}
                 if keep_history:
                     history[j].append((f"round {r + 1}", images[rows], s[rows]))
                 if keep_particles:
@@ -112,11 +114,11 @@ def noise_search(sampler, prompts: Sequence[str], reward: Callable, config: Sear
         compute.reward_calls += latents.shape[0]
     items = []
     for j in range(len(prompts)):
-        last = rounds[j][-1]
         item = Steered(prompt=prompts[j], metadata=meta[j], image=best_images[j],
                        reward=float(best[j]) if math.isfinite(float(best[j])) else float("nan"),
-                       chosen=last["best"], particle_rewards=last["scores"], seeds=[seed + j],
-                       lineage=rounds[j], particles=keep[j], history=history[j] if keep_history else None)
+                       chosen=found[j]["chosen"], particle_rewards=found[j]["scores"], seeds=[seed + j],
+                       lineage=rounds[j], particles=keep[j], history=history[j] if keep_history else None,
+                       extra={"best_round": found[j]["round"]})
         if on_item is not None:
             on_item(j, item)
         else:
