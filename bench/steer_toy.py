@@ -72,8 +72,8 @@ def run(args) -> None:
             res = fk_steer(sampler, prompts, potential, fk, particles=args.k, metadata=metas, seed=seed,
                            proposal=gcfg, proposal_reward=proxy, keep_particles=True, kernel=args.kernel, **common)
         elif args.method == "guidance":
-            res = guided(sampler, prompts, proxy, gcfg, metadata=metas, seed=seed, keep_particles=True,
-                         kernel=args.kernel or "ode", **common)
+            res = guided(sampler, prompts, proxy, gcfg, samples=args.guided_samples, metadata=metas, seed=seed,
+                         keep_particles=True, kernel=args.kernel or "ode", **common)
         elif args.method == "search":
             res = noise_search(sampler, prompts, potential, SearchConfig(rounds=args.rounds, radius=args.radius),
                                candidates=args.k, metadata=metas, seed=seed, keep_particles=True, **common)
@@ -164,8 +164,10 @@ def best_of_first(rows, k, by="particle_rewards"):
     return out
 
 
-def summary(path, k=None, by="particle_rewards"):
+def summary(path, k=None, by="particle_rewards", max_jobs=None):
     rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    if max_jobs is not None:
+        rows = [r for r in rows if r["job"] < max_jobs]
     if k is not None:
         rows = best_of_first(rows, k, by)
     o, cats = overall(rows)
@@ -199,9 +201,14 @@ def plot_curve(bon: str, fk: dict[int, str], out: str, bon_proxy: bool = False) 
     fig.savefig(out)
 
 
-def table(folder: str) -> str:
-    """The markdown table of docs/steering.md from the run files in ``folder`` (missing runs skipped)."""
+def table(folder: str, per_seed: int = 243, seeds: int | None = None) -> str:
+    """The markdown table of docs/steering.md from the run files in ``folder`` (missing runs skipped),
+    every row on the same whole seeds (the fewest any run has completed)."""
     f = Path(folder)
+    counts = [len([x for x in p.read_text().splitlines() if x.strip()]) for p in f.glob("*.jsonl")]
+    max_jobs = min(c // per_seed for c in counts) * per_seed if counts else None
+    if seeds is not None:
+        max_jobs = seeds * per_seed
     lines = ["| method (k) | steers with | selects with | gold strict (GenEval mean) | all samples | denoiser calls / image | reward calls / image | s / image |",
              "|---|---|---|---|---|---|---|---|"]
 
@@ -211,7 +218,7 @@ def table(folder: str) -> str:
         first = json.loads((f / path).read_text().splitlines()[0])
         if k is not None and (by not in first or len(first[by]) < k):
             return
-        s = summary(f / path, k, by)
+        s = summary(f / path, k, by, max_jobs)
         nfe = s["denoiser_calls"] * (k / 8 if k else 1) if path.startswith("bon8") else s["denoiser_calls"]
         rc = (k if k else s["reward_calls"]) if path.startswith("bon8") else s["reward_calls"]
         lines.append(f"| {name} | {steer} | {select} | **{s['overall']:.3f}** | {s['strict_all']:.3f} | {nfe:.0f} | "
@@ -227,7 +234,8 @@ def table(folder: str) -> str:
     add("FK k = 4", "shapes-proxy (potential)", "shapes-proxy", "fk4_proxy.jsonl")
     add("guidance", "shapes-proxy (gradient)", "-", "guidance_proxy.jsonl")
     add("FK + guidance k = 4", "shapes-proxy (potential + gradient)", "shapes-proxy", "fk4g_proxy.jsonl")
-    return "\n".join(lines)
+    add("guided best-of-4", "shapes-proxy (gradient)", "shapes-proxy", "guidance4_proxy.jsonl")
+    return f"({max_jobs // per_seed} seed(s) per prompt, {max_jobs} images per row)\n\n" + "\n".join(lines)
 
 
 def main() -> None:
@@ -256,6 +264,7 @@ def main() -> None:
     p.add_argument("--gschedule", default="constant")
     p.add_argument("--max-grad-norm", type=float, default=None)
     p.add_argument("--through", action="store_true", help="guidance gradient through the denoiser")
+    p.add_argument("--guided-samples", type=int, default=1, help="guidance: best of this many guided samples (proxy)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--radius", type=float, default=0.5)
     p.add_argument("--batch-prompts", type=int, default=16)
@@ -264,12 +273,13 @@ def main() -> None:
     p.add_argument("--summary", nargs="+", default=None,
                    help="print the summary of these JSONL files (FILE, FILE:k or FILE:k:candidates_proxy)")
     p.add_argument("--table", default=None, help="print the docs table from the runs in this folder")
+    p.add_argument("--table-seeds", type=int, default=None, help="rows on the first N seeds (default: all complete)")
     p.add_argument("--diagnose", action="store_true", help="AUC of the intermediate potentials for the final pass")
     p.add_argument("--plot", nargs="+", default=None,
                    help="the curve: BON_FILE K=FK_FILE ... OUT.png (best-of-k read off BON_FILE)")
     args = p.parse_args()
     if args.table:
-        print(table(args.table))
+        print(table(args.table, seeds=args.table_seeds))
         return
     if args.diagnose:
         print(json.dumps(diagnose(args.seeds), indent=1))
