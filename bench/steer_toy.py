@@ -177,7 +177,7 @@ def summary(path, k=None, by="particle_rewards", max_jobs=None):
             "seconds": sum(r["compute"]["seconds"] for r in rows) / len(rows)}
 
 
-def plot_curve(bon: str, fk: dict[int, str], out: str, bon_proxy: bool = False) -> None:
+def plot_curve(bon: str, fk: dict[int, str], out: str, bon_proxy: bool = False, max_jobs: int | None = None) -> None:
     """Gold accuracy against denoiser calls per image: best-of-k (read off one best-of-N run, 20 k
     calls) and FK-k (one run each; its look-ahead's calls included), k labelled at each point."""
     import matplotlib
@@ -186,16 +186,16 @@ def plot_curve(bon: str, fk: dict[int, str], out: str, bon_proxy: bool = False) 
     import matplotlib.pyplot as plt
 
     n = len(json.loads(Path(bon).read_text().splitlines()[0])["particle_rewards"])
-    per = summary(bon)["denoiser_calls"] / n
+    per = summary(bon, max_jobs=max_jobs)["denoiser_calls"] / n
     bk = [k for k in (1, 2, 4, 8) if k <= n]
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=150)
-    series = [("best-of-k, gold selects", "o-", [per * k for k in bk], [summary(bon, k)["overall"] for k in bk], bk)]
+    series = [("best-of-k, gold selects", "o-", [per * k for k in bk], [summary(bon, k, max_jobs=max_jobs)["overall"] for k in bk], bk)]
     if bon_proxy:
         series.append(("best-of-k, shapes-proxy selects", "s--", [per * k for k in bk],
-                       [summary(bon, k, "candidates_proxy")["overall"] for k in bk], bk))
+                       [summary(bon, k, "candidates_proxy", max_jobs)["overall"] for k in bk], bk))
     ks = sorted(fk)
-    series.append(("FK-k, gold potential (3-step look-ahead)", "^-", [summary(fk[k])["denoiser_calls"] for k in ks],
-                   [summary(fk[k])["overall"] for k in ks], ks))
+    series.append(("FK-k, gold potential (3-step look-ahead)", "^-", [summary(fk[k], max_jobs=max_jobs)["denoiser_calls"] for k in ks],
+                   [summary(fk[k], max_jobs=max_jobs)["overall"] for k in ks], ks))
     for label, style, xs, ys, kk in series:
         ax.plot(xs, ys, style, label=label)
         for x, y, k in zip(xs, ys, kk):
@@ -217,14 +217,17 @@ def table(folder: str, per_seed: int = 243, seeds: int | None = None) -> str:
     counts = [len([x for x in p.read_text().splitlines() if x.strip()]) for p in f.glob("*.jsonl")]
     max_jobs = min(c // per_seed for c in counts) * per_seed if counts else None
     if seeds is not None:
-        max_jobs = seeds * per_seed
+        max_jobs = seeds * per_seed  # runs with fewer seeds are left out
     lines = ["| method (k) | steers with | selects with | gold strict (GenEval mean) | all samples | denoiser calls / image | reward calls / image | s / image |",
              "|---|---|---|---|---|---|---|---|"]
 
     def add(name, steer, select, path, k=None, by="particle_rewards", scale_time=1.0):
         if not (f / path).exists():
             return
-        first = json.loads((f / path).read_text().splitlines()[0])
+        text = [x for x in (f / path).read_text().splitlines() if x.strip()]
+        if max_jobs is not None and len(text) < max_jobs:
+            return  # this run has fewer seeds than the table
+        first = json.loads(text[0])
         if k is not None and (by not in first or len(first[by]) < k):
             return
         s = summary(f / path, k, by, max_jobs)
@@ -295,7 +298,8 @@ def main() -> None:
         return
     if args.plot:
         bon, *pairs, png = args.plot
-        plot_curve(bon, {int(k): f for k, _, f in (x.partition("=") for x in pairs)}, png, bon_proxy=True)
+        plot_curve(bon, {int(k): f for k, _, f in (x.partition("=") for x in pairs)}, png, bon_proxy=True,
+                   max_jobs=None if args.table_seeds is None else 243 * args.table_seeds)
         return
     if args.summary:
         for spec in args.summary:
