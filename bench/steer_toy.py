@@ -52,7 +52,7 @@ def run(args) -> None:
     potential = gold if args.potential == "gold" else proxy
     fk = FKConfig(lam=args.lam, potential=args.fk_potential, resampling=args.resampling, resample_every=args.every,
                   resample_start=args.start, resample_end=args.end, adaptive=args.adaptive, lookahead=args.lookahead,
-                  final_resample=not args.no_final_resample)
+                  final_resample=not args.no_final_resample, ode_last_step=args.ode_last_step)
     gcfg = GuidanceConfig(scale=args.gscale, max_grad_norm=args.max_grad_norm, through_denoiser=args.through,
                           start=args.gstart, end=args.gend, schedule=args.gschedule)
     common = dict(num_steps=args.steps, guidance_scale=3.0, prompts_per_batch=args.batch_prompts)
@@ -270,6 +270,7 @@ def main() -> None:
     p.add_argument("--adaptive", action="store_true")
     p.add_argument("--lookahead", type=int, default=0)
     p.add_argument("--no-final-resample", action="store_true")
+    p.add_argument("--ode-last-step", action="store_true", help="FK: the last step without noise (the library default)")
     p.add_argument("--gscale", type=float, default=1.0)
     p.add_argument("--gstart", type=int, default=0)
     p.add_argument("--gend", type=int, default=None)

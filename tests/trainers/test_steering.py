@@ -109,11 +109,18 @@ def test_fk_with_one_particle_is_the_plain_sde_rollout(sd3):
                    seed=11, size=size)
     with torch.no_grad():
         traj = sampler.rollout(["a red cube", "a cat"], num_steps=4, guidance_scale=2.0, kernel="flow_sde",
+                               sde_steps=[0, 1, 2],  # FK takes the last step with the ODE (ode_last_step)
                                generator=[torch.Generator().manual_seed(s) for s in (11, 12)], **size)
         plain = sampler.decode(traj.final).float()
     assert torch.equal(res.images, plain)
     assert res.compute["denoiser_calls"] == 4 * 2  # 4 steps x (cond + uncond)
     assert res.compute["reward_calls"] == 3 + 1  # steps 0..2 and the final image
+    noisy = fk_steer(sampler, ["a red cube", "a cat"], Brightness(), FKConfig(ode_last_step=False), particles=1,
+                     num_steps=4, guidance_scale=2.0, seed=11, size=size)
+    with torch.no_grad():
+        traj = sampler.rollout(["a red cube", "a cat"], num_steps=4, guidance_scale=2.0, kernel="flow_sde",
+                               generator=[torch.Generator().manual_seed(s) for s in (11, 12)], **size)
+    assert torch.equal(noisy.images, sampler.decode(traj.final).float())
 
 
 @pytest.mark.parametrize("scheme,adaptive", [("systematic", False), ("stratified", False), ("multinomial", True)])
@@ -125,7 +132,7 @@ def test_fk_with_lambda_zero_is_k_independent_rollouts(sd3, scheme, adaptive):
     cfg = FKConfig(lam=0.0, resampling=scheme, adaptive=adaptive, resample_every=1, resample_start=0, resample_end=None)
     kw = dict(num_steps=3, guidance_scale=2.0, seed=5, size=size, keep_particles=True)
     fk = fk_steer(sampler, ["a red cube", "a cat"], Brightness(), cfg, particles=3, **kw)
-    bon = best_of_n(sampler, ["a red cube", "a cat"], Brightness(), n=3, kernel="flow_sde", **kw)
+    bon = best_of_n(sampler, ["a red cube", "a cat"], Brightness(), n=3, kernel="flow_sde", sde_steps=[0, 1], **kw)
     for a, b in zip(fk.items, bon.items):
         assert torch.equal(a.particles, b.particles)
         assert a.particle_rewards == pytest.approx(b.particle_rewards)

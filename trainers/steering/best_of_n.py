@@ -27,13 +27,15 @@ def best_of_n(sampler, prompts: Sequence[str], reward: Callable, *, n: int = 4,
               guidance_scale: float | None = None, kernel: str = "ode", kernel_options: dict | None = None,
               seed: int = 0, prompts_per_batch: int | None = None, keep_history: bool = False,
               keep_particles: bool = False, on_item: Callable[[int, Steered], None] | None = None,
-              progress: bool | str = False, size: dict | None = None, denoiser: Callable | None = None) -> SteerResult:
+              progress: bool | str = False, size: dict | None = None, denoiser: Callable | None = None,
+              sde_steps="all") -> SteerResult:
     """Best of ``n`` samples for each entry of ``prompts`` (repeat a prompt for several images).
 
     Args:
         kernel (`str`, *optional*, defaults to ``"ode"``): the model's own sampler; pass FK's
             stochastic kernel to compare with FK at ``lambda = 0``.
         denoiser (`Callable`, *optional*): a denoiser wrapper (e.g. reward guidance) for every candidate.
+        sde_steps: the stochastic steps of a stochastic ``kernel`` (see ``Sampler.rollout``).
         Others as in :func:`~visalign.trainers.steering.fk.fk_steer`.
     """
     from visalign.samplers import collect
@@ -78,7 +80,7 @@ def best_of_n(sampler, prompts: Sequence[str], reward: Callable, *, n: int = 4,
     rows_meta = [m for m in meta for _ in range(n)]
     wrapped = denoiser(base) if denoiser is not None else base
     collect(sampler, rows, {"reward": reward}, metadata=rows_meta, num_steps=steps, guidance_scale=guidance,
-            kernel=kernel, kernel_options=kernel_options, seeds=[seed + i for i in range(len(rows))],
+            kernel=kernel, kernel_options=kernel_options, sde_steps=sde_steps, seeds=[seed + i for i in range(len(rows))],
             batch_size=(prompts_per_batch or len(prompts)) * n, hooks=[history] if history else (), denoiser=wrapped,
             keep_images=False, on_batch=finish, progress="best-of-n" if progress is True else progress, size=size)
     compute.denoiser_calls = base.calls

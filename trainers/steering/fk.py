@@ -71,6 +71,9 @@ class FKConfig:
     score_batch_size: int | None = None
     #: with a guided proposal, weight by the base over the guided transition density (exact target)
     proposal_correction: bool = True
+    #: take the last step with the ODE (no noise in the returned image, as DDIM's last step with
+    #: alpha_prev = 1 in the reference); false keeps the kernel's noise on the last step too
+    ode_last_step: bool = True
 
     def __post_init__(self) -> None:
         if self.potential not in POTENTIALS:
@@ -370,8 +373,10 @@ def fk_steer(sampler, prompts: Sequence[str], reward: Callable, config: FKConfig
     rows = [p for p in prompts for _ in range(k)]
     seeds = [seed + j * k + q for j in range(len(prompts)) for q in range(k)]
     ppb = prompts_per_batch or len(prompts)
+    sde_steps = list(range(steps - 1)) if config.ode_last_step else "all"
     collect(sampler, rows, {"reward": _Scorer(reward, config.score_batch_size)}, metadata=rows_meta, num_steps=steps,
-            guidance_scale=guidance, kernel=kernel, kernel_options=kernel_options, seeds=seeds, batch_size=ppb * k,
+            guidance_scale=guidance, kernel=kernel, kernel_options=kernel_options, sde_steps=sde_steps, seeds=seeds,
+            batch_size=ppb * k,
             hooks=[hook], denoiser=wrapper or base, keep_images=False, on_batch=finish,
             progress="fk" if progress is True else progress, size=size)
     compute.denoiser_calls = base.calls
