@@ -187,6 +187,7 @@ def _write_item(out, job: int, item, res, sampler, cfg) -> dict:
         row["particles"] = files
     if cfg.run.grid and item.history:
         title = f"{item.prompt} | {res.method} k={len(item.particle_rewards)} | chosen {item.chosen}"
-        save_grid(item.history, item.chosen, out / "grids" / f"{name}.png", title)
+        mark = (item.extra["best_round"] - 1, item.chosen) if "best_round" in item.extra else item.chosen
+        save_grid(item.history, mark, out / "grids" / f"{name}.png", title)
         row["grid"] = f"grids/{name}.png"
     return row

@@ -28,8 +28,9 @@ def _to_pil(image: torch.Tensor, cell: int):
     return pil.resize((pil.size[0] * scale, pil.size[1] * scale), Image.NEAREST) if scale > 1 else pil
 
 
-def particle_grid(history, chosen: int, title: str = "", cell: int = 128):
-    """A PIL image of ``history`` = ``[(label, images (k, ...) or None, scores (k,))]``."""
+def particle_grid(history, chosen, title: str = "", cell: int = 128):
+    """A PIL image of ``history`` = ``[(label, images (k, ...) or None, scores (k,))]``; ``chosen`` is
+    a row (framed in every column) or a ``(column, row)`` cell (noise search: the round it came from)."""
     from PIL import Image, ImageDraw
 
     cols = [(lab, im, sc) for lab, im, sc in history if im is not None]
@@ -53,12 +54,12 @@ def particle_grid(history, chosen: int, title: str = "", cell: int = 128):
             caption = label if r == 0 else ""
             caption = f"{caption} {s:.3f}".strip() if math.isfinite(s) else caption
             draw.text((x, y + h), caption, fill="black")
-            if r == chosen:
+            if r == chosen if isinstance(chosen, int) else (c, r) == tuple(chosen):
                 draw.rectangle([x - 2, y - 2, x + w + 1, y + h + 1], outline=(220, 20, 20), width=2)
     return canvas
 
 
-def save_grid(history, chosen: int, path: str | Path, title: str = "", cell: int = 128) -> Path:
+def save_grid(history, chosen, path: str | Path, title: str = "", cell: int = 128) -> Path:
     from visalign.io import atomic_write
 
     img = particle_grid(history, chosen, title, cell)
