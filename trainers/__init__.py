@@ -8,6 +8,7 @@ accelerate, not the reward models.  Algorithms are registered by name in
 from __future__ import annotations
 
 __all__ = ["Trainer", "OptimConfig", "TrainingStopped", "GRPOConfig", "GRPOTrainer", "NFTConfig", "NFTTrainer",
+           "RewardBackpropConfig", "RewardBackpropTrainer",
            "RunSettings", "LoraSettings", "TrainRecipe", "build_trainer", "load_recipe", "registry"]
 
 _LAZY = {
@@ -18,6 +19,8 @@ _LAZY = {
     "GRPOTrainer": ".grpo.trainer",
     "NFTConfig": ".nft.config",
     "NFTTrainer": ".nft.trainer",
+    "RewardBackpropConfig": ".backprop.config",
+    "RewardBackpropTrainer": ".backprop.trainer",
     "RunSettings": ".common.run",
     "LoraSettings": ".common.lora",
     "TrainRecipe": ".recipe",

@@ -63,3 +63,6 @@ register("grpo", "visalign.trainers.grpo.config:GRPOConfig", "visalign.trainers.
          "Flow-GRPO (flow models) / DDPO (eps, v models): clipped policy gradient on SDE rollouts")
 register("nft", "visalign.trainers.nft.config:NFTConfig", "visalign.trainers.nft.trainer:NFTTrainer",
          "DiffusionNFT: advantage-weighted flow matching on ODE rollouts (flow models)")
+register("backprop", "visalign.trainers.backprop.config:RewardBackpropConfig",
+         "visalign.trainers.backprop.trainer:RewardBackpropTrainer",
+         "reward back-propagation: DRaFT-K, DRaFT-LV, AlignProp, ReFL (differentiable rewards, every family)")
