@@ -203,7 +203,8 @@ def plot_curve(bon: str, fk: dict[int, str], out: str, bon_proxy: bool = False, 
     ax.set_xscale("log", base=2)
     ax.set_xlabel("denoiser calls per image (10 steps, CFG: 20 per sample)")
     ax.set_ylabel("gold strict accuracy (GenEval mean)")
-    ax.set_title("toy world, 243 eval prompts", fontsize=8)
+    seeds = "" if max_jobs is None else f" x {max_jobs // 243} seeds"
+    ax.set_title(f"toy world, 243 eval prompts{seeds}", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
