@@ -23,7 +23,8 @@ FLAGS = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", default=None, help="YAML recipe (configs/steer/); optional")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fk.lam=5 fk.potential=max")
+    p.add_argument("overrides", nargs="*", help="key=value overrides right after CONFIG (before the flags), e.g. "
+                   "fk.lam=5 fk.potential=max")
     p.add_argument("--model", help="built-in name (toy-shapes), local diffusers folder or hub id")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="one prompt")
