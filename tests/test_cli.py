@@ -86,13 +86,12 @@ def test_rewards_catalogue_lists_rewards(capsys):
     assert {"aesthetic", "clipscore"} <= names
 
 
-def test_planned_commands_say_so_and_real_import_errors_surface(capsys, monkeypatch):
-    """`steer` is named as planned; a command whose visalign module fails to import shows that
-    ImportError (a broken install or a bug), not "not implemented"."""
+def test_real_import_errors_surface(capsys, monkeypatch):
+    """A command whose visalign module fails to import shows that ImportError (a broken install or
+    a bug), not "not implemented"; `steer` is a real command now (tests/trainers/test_steer_recipes.py)."""
     from visalign import cli
 
-    assert main(["steer", "--model", "toy-shapes"]) == 2
-    assert "not implemented in this version" in capsys.readouterr().err
+    assert "steer" not in cli.PLANNED
     monkeypatch.setitem(cli.COMMANDS, "score", ("score", *cli._delegate("visalign.gallery.no_such_module")))
     with pytest.raises(ModuleNotFoundError, match="visalign.gallery.no_such_module"):
         main(["score", "x.png"])

@@ -114,9 +114,7 @@ def _delegate(module: str) -> tuple[Callable, Callable]:
 
 
 #: commands this version names but does not have yet: they say so instead of failing on an import
-PLANNED: dict[str, str] = {
-    "steer": "inference-time steering (FK particles, reward guidance, best-of-N) is planned for the next version",
-}
+PLANNED: dict[str, str] = {}
 
 
 def _planned(name: str) -> tuple[Callable, Callable]:
@@ -134,7 +132,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "sample": ("generate images or videos with any model", _add_sample, _run_sample),
     "score": ("score a gallery of images or videos with rewards", *_delegate("visalign.gallery.cli")),
     "train": ("fine-tune a model against rewards (GRPO / DPO / reward backprop)", *_delegate("visalign.trainers.cli")),
-    "steer": ("inference-time steering (planned: FK particles, reward guidance, best-of-N)", *_planned("steer")),
+    "steer": ("inference-time steering: best-of-N, FK particles, reward guidance, noise search",
+              *_delegate("visalign.trainers.steering.cli")),
     "rewards": ("list the reward models with inputs, range, gradient and licence", _add_rewards, _run_rewards),
     "toy": ("the shapes toy world: pretrain the base model, evaluate a model or LoRA", *_delegate("visalign.toy.cli")),
 }

@@ -1,0 +1,194 @@
+"""``visalign steer [CONFIG] [key=value ...] --model M --prompt P | --prompts FILE --method M ...``.
+
+Writes to ``--out``: ``images/`` (the steered images), ``grids/`` (a PNG per image: particles over
+time, the chosen one framed in red), ``manifest.jsonl`` (one row per image: its reward, the method
+and its settings, its compute and the particle lineage, appended per batch) and ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+#: command-line flag -> recipe key
+FLAGS = {
+    "model": "model.name", "prompt": "prompt", "prompts": "prompts", "method": "method", "reward": "reward",
+    "guidance_reward": "guidance_reward", "particles": "particles", "steps": "steps", "guidance": "guidance",
+    "seed": "seed", "out": "run.out", "threads": "run.threads", "images_per_prompt": "run.images_per_prompt",
+    "kernel": "kernel", "reward_guidance": "reward_guidance.scale", "height": "model.height", "width": "model.width",
+    "num_frames": "model.num_frames", "dtype": "model.dtype", "device": "model.device",
+    "batch_prompts": "run.prompts_per_batch",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None, help="YAML recipe (configs/steer/); optional")
+    p.add_argument("overrides", nargs="*", help="key=value overrides right after CONFIG (before the flags), e.g. "
+                   "fk.lam=5 fk.potential=max")
+    p.add_argument("--model", help="built-in name (toy-shapes), local diffusers folder or hub id")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help="prompt source: .txt / .jsonl / .json file or a registered set (toy:eval)")
+    p.add_argument("--method", help="bon | fk | guidance | fk+guidance | search (default fk)")
+    p.add_argument("--reward", help="steering reward spec (visalign rewards), e.g. shapes-proxy, aesthetic")
+    p.add_argument("--guidance-reward", help="reward whose gradient guides (default: --reward)")
+    p.add_argument("--particles", type=int, help="k: particles (fk), candidates (bon / search per round); default 4")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model card's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model card's)")
+    p.add_argument("--reward-guidance", type=float, help="reward-gradient guidance strength (guidance, fk+guidance)")
+    p.add_argument("--kernel", help="sampling kernel (default: fk -> flow_sde / ddim, others -> ode)")
+    p.add_argument("--seed", type=int, help="particle q of image j uses seed + j * particles + q (default 0)")
+    p.add_argument("--images-per-prompt", type=int, help="steered images per prompt (default 1)")
+    p.add_argument("--batch-prompts", type=int, help="prompts steered per rollout (default 4)")
+    p.add_argument("--out", help="output folder (default runs/steer)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--num-frames", type=int, help="video models: frames (4k+1 for Wan)")
+    p.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", help="cpu (default), cuda, cuda:1 ...")
+    p.add_argument("--no-grid", action="store_true", help="do not write the particle grids")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default auto: the cores other processes leave free)")
+
+
+def _overrides(args) -> tuple[str | None, list[str]]:
+    import json
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    for flag, key in FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    if args.prompt is not None:  # a prompt on the command line replaces the recipe's prompt source
+        overrides.append("prompts=null")
+    if args.prompts is not None:
+        overrides.append("prompt=null")
+    if args.no_grid:
+        overrides.append("run.grid=false")
+    return config, overrides
+
+
+def _load_reward(spec: str, options: dict):
+    from visalign.trainers.recipe import _load_reward as load
+
+    return load(spec, options)
+
+
+def run(args) -> int:
+    from visalign.config import ConfigError, load_config
+
+    from .config import SteerConfig
+
+    config, overrides = _overrides(args)
+    try:
+        cfg = load_config(config, SteerConfig, overrides)
+    except (ConfigError, ValueError) as err:
+        print(f"visalign steer: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _steer(cfg)
+    except _Usage as err:
+        print(f"visalign steer: error: {err}", file=sys.stderr)
+        return 2
+
+
+class _Usage(Exception):
+    pass
+
+
+def _steer(cfg) -> int:
+    import time
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from visalign.config import save_config
+    from visalign.io import JsonlAppender
+    from visalign.prompts import load_prompts
+    from visalign.samplers import ModelNotFoundError, load
+    from visalign.threads import configure_threads
+
+    from .config import steer
+    from .guidance import needs_gradient
+
+    if cfg.prompt is None and cfg.prompts is None:
+        raise _Usage("no prompts: give --prompt TEXT or --prompts FILE (or prompt: / prompts: in the recipe)")
+    try:
+        records = [{"prompt": cfg.prompt, "metadata": None}] if cfg.prompt is not None else load_prompts(cfg.prompts)
+    except (FileNotFoundError, ValueError) as err:
+        raise _Usage(str(err)) from None
+    try:
+        configure_threads(cfg.run.threads, cfg.model.device)
+    except ValueError as err:
+        raise _Usage(f"--threads: {err}") from None
+    try:
+        sampler = load(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, **cfg.model.options)
+    except ModelNotFoundError as err:
+        raise _Usage(str(err)) from None
+    try:
+        reward = _load_reward(cfg.reward, cfg.reward_options)
+        g_reward = None
+        if cfg.method in ("guidance", "fk+guidance"):
+            g_reward = _load_reward(cfg.guidance_reward, cfg.reward_options) if cfg.guidance_reward else reward
+            needs_gradient(g_reward, f"--method {cfg.method}")
+    except (ValueError, FileNotFoundError) as err:
+        raise _Usage(f"reward: {err}") from None
+    if hasattr(reward, "to") and cfg.model.device:
+        reward.to(cfg.model.device)
+
+    out = Path(cfg.run.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    m = cfg.run.images_per_prompt
+    jobs = [(j * m + i, r) for j, r in enumerate(records) for i in range(m)]
+    batch = cfg.run.prompts_per_batch
+    k = cfg.particles
+    grid = cfg.run.grid
+    scores = []
+    started = time.perf_counter()
+    with JsonlAppender(out / "manifest.jsonl") as manifest, tqdm(total=len(jobs), desc=f"steer ({cfg.method})",
+                                                                 unit="img") as bar:
+        for c in range(0, len(jobs), batch):
+            part = jobs[c:c + batch]
+            res = steer(sampler, [r["prompt"] for _, r in part], reward, cfg,
+                        metadata=[r["metadata"] for _, r in part], guidance_reward=g_reward,
+                        seed=cfg.seed + part[0][0] * k, keep_history=grid, keep_particles=cfg.run.save_particles)
+            rows = [_write_item(out, job, item, res, sampler, cfg) for (job, _), item in zip(part, res.items)]
+            manifest.write(rows)
+            scores += [r["reward"] for r in rows]
+            bar.update(len(part))
+    finite = [s for s in scores if s == s]
+    mean = sum(finite) / len(finite) if finite else float("nan")
+    print(f"visalign steer: {len(scores)} images by {cfg.method} (k = {k}) in {time.perf_counter() - started:.1f} s; "
+          f"mean {cfg.reward} {mean:.4f}; images, grids and manifest.jsonl in {out}")
+    return 0 if scores else 1
+
+
+def _write_item(out, job: int, item, res, sampler, cfg) -> dict:
+    from visalign.sample import _slug, save_image, save_video
+
+    from .grid import save_grid
+
+    ext = cfg.run.video_format if sampler.is_video else "png"
+    name = f"{job:05d}_{_slug(item.prompt)}"
+    save = save_video if sampler.is_video else save_image
+    save(item.image, out / "images" / f"{name}.{ext}")
+    row = {"file": f"images/{name}.{ext}", "job": job, "prompt": item.prompt, "method": res.method,
+           "reward_spec": cfg.reward, "reward": item.reward, "chosen": item.chosen,
+           "particle_rewards": item.particle_rewards, "seeds": item.seeds, "lineage": item.lineage, **item.extra,
+           "settings": res.settings, "compute": {k: v for k, v in res.compute.items() if k != "total_seconds"}}
+    if cfg.run.save_particles and item.particles is not None:
+        files = []
+        for q, p in enumerate(item.particles):
+            f = f"images/{name}_p{q}.{ext}"
+            save(p, out / f)
+            files.append(f)
+        row["particles"] = files
+    if cfg.run.grid and item.history:
+        title = f"{item.prompt} | {res.method} k={len(item.particle_rewards)} | chosen {item.chosen}"
+        mark = (item.extra["best_round"] - 1, item.chosen) if "best_round" in item.extra else item.chosen
+        save_grid(item.history, mark, out / "grids" / f"{name}.png", title)
+        row["grid"] = f"grids/{name}.png"
+    return row
