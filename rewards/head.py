@@ -197,18 +197,23 @@ class EnsembleMLP(nn.Module):
 class SmallCNN(nn.Module):
     """A small image-only CNN trained end to end with the heads, for when no pretrained backbone
     fits (or none can be downloaded): images resized to ``size`` px with torch ops (area average
-    down, bilinear up), ``depth`` 3x3 conv + SiLU blocks with a 2x average pool after every other
-    one, then mean- and max-pooling to a ``2 * width * 2**(depth//2 - 1)`` feature.  No
-    normalisation layer, so absolute colour and contrast (what artifact detectors look at) survive.
+    down, bilinear up), with ``highpass`` its high-pass residual ``x - avgpool3x3(x)`` as three more
+    channels (the noise residual that image-forensics CNNs read, Fridrich & Kodovsky 2012, "Rich
+    Models for Steganalysis of Digital Images"; it makes blur, grids and noise easy to see),
+    ``depth`` 3x3 conv + SiLU blocks with a 2x average pool after every other one, then mean- and
+    max-pooling to a ``2 * width * 2**((depth - 1) // 2)`` feature.  No normalisation layer, so
+    absolute colour and contrast (what artifact detectors look at) survive.
     """
 
     uses_prompts = False
 
-    def __init__(self, size: int = 32, width: int = 32, depth: int = 4) -> None:
+    def __init__(self, size: int = 32, width: int = 32, depth: int = 4, highpass: bool = True) -> None:
         super().__init__()
         if size < 8 or width < 1 or depth < 2:
             raise ValueError(f"SmallCNN: need size >= 8, width >= 1, depth >= 2; got {size}, {width}, {depth}")
-        self.size, chans, c_in = int(size), [], 3
+        self.options = dict(size=size, width=width, depth=depth, highpass=highpass)
+        self.highpass = bool(highpass)
+        self.size, chans, c_in = int(size), [], 6 if highpass else 3
         for i in range(depth):
             c_out = width * 2 ** (i // 2)
             chans.append((c_in, c_out))
@@ -217,7 +222,12 @@ class SmallCNN(nn.Module):
         self.feature_dim = 2 * c_in
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str] | None = None, return_aux: bool = False):
-        x = resize_square(images, self.size) * 2 - 1
+        x = resize_square(images, self.size)
+        if self.highpass:
+            residual = x - F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+            x = torch.cat([x * 2 - 1, residual * 8], 1)
+        else:
+            x = x * 2 - 1
         for i, conv in enumerate(self.convs):
             x = F.silu(conv(x))
             if i % 2 == 1 and i + 1 < len(self.convs):
@@ -347,7 +357,10 @@ def build_model(meta: dict) -> RewardHeadModel:
 
 
 def model_meta(model: RewardHeadModel, seed: int = 0) -> dict:
-    return {"task": model.task, "backbone": dataclasses.asdict(model.backbone_config), "in_dim": model.heads.in_dim,
+    backbone = dataclasses.asdict(model.backbone_config)
+    if model.trainable is not None and hasattr(model.trainable, "options"):
+        backbone["options"] = dict(model.trainable.options)  # every constructor argument, defaults included
+    return {"task": model.task, "backbone": backbone, "in_dim": model.heads.in_dim,
             "hidden": model.heads.hidden, "members": model.heads.members, "use_prompt": model.use_prompt, "seed": seed}
 
 

@@ -43,7 +43,10 @@ __all__ = ["DataConfig", "HeadConfig", "EnsembleConfig", "OptimSettings", "Rewar
            "train", "update", "finetune", "evaluate", "load_train_config"]
 
 #: named data providers: name -> "module:function"; the function takes ``seed``, ``log`` and the
-#: config's ``data.options`` and returns {"train": {...}, "val": {...}, optional "extra_loss"}.
+#: config's ``data.options`` and returns {"train": {...}, "val": {...}} (each: uint8 ``images``,
+#: ``prompts``, ``targets`` or ``pairs``, optional ``extras``) with optional ``sample_probs`` (per
+#: training unit), ``extra_loss(aux, extras)`` (for a trainable backbone's auxiliary outputs) and
+#: ``report(val_scores) -> dict`` (more held-out measures).
 PROVIDERS: dict[str, str] = {
     "shapes-proxy": "visalign.toy.proxy:training_data",
     "shapes-artifact": "visalign.toy.artifacts:training_data",
@@ -174,10 +177,29 @@ class RewardTrainConfig:
                              "(or use a CLIP backbone to condition on the prompt)")
 
 
+def recipe_path(name_or_path: str | os.PathLike) -> Path:
+    """A recipe file, or the name of a shipped one (``shapes-proxy``, ``shapes-artifact``: the
+    ``reward_recipes`` folder of :mod:`visalign.assets`)."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix:
+        return path
+    from visalign.assets import asset_path
+
+    shipped = asset_path(f"reward_recipes/{name_or_path}.yaml")
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in shipped.parent.glob("*.yaml")) if shipped.parent.is_dir() else []
+    raise FileNotFoundError(f"reward recipe {str(name_or_path)!r} is neither a file nor a shipped recipe "
+                            f"(shipped: {names}); pass the path of a YAML recipe (docs/reward_training.md)")
+
+
 def load_train_config(path: str | os.PathLike | None, overrides=()) -> RewardTrainConfig:
-    """Read a recipe; relative data paths become relative to the recipe's folder."""
+    """Read a recipe (a file, or a shipped recipe's name); relative data paths become relative to
+    the recipe's folder."""
     from visalign.config import apply_overrides, from_dict, read_yaml
 
+    if path is not None:
+        path = recipe_path(path)
     raw = apply_overrides(read_yaml(path), overrides)
     base = Path(path).parent if path is not None else Path.cwd()
     data = raw.get("data")
@@ -449,7 +471,8 @@ def train(cfg: RewardTrainConfig, out: str | os.PathLike | None = None, log: Cal
     with open(out / "log.jsonl", "w") as logf:
         _fit(model, train_set, tr_feats, steps=o.steps, batch=o.batch, lr=o.lr, weight_decay=o.weight_decay,
              warmup=o.warmup, grad_clip=o.grad_clip, seed=o.seed, bootstrap=cfg.ensemble.bootstrap,
-             extra_loss=provided.get("extra_loss"), extra_weight=o.extra_loss_weight, log_every=cfg.log_every,
+             unit_probs=provided.get("sample_probs"), extra_loss=provided.get("extra_loss"),
+             extra_weight=o.extra_loss_weight, log_every=cfg.log_every,
              log=log, logf=logf)
     t_train = time.time() - t0
     metrics, members = evaluate(model, val_set, va_feats, plot=out / "calibration.png", seed=o.seed,
