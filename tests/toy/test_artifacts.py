@@ -93,7 +93,21 @@ def test_kit_trains_a_cnn_artifact_detector(clean, tmp_path):
     assert s[:64].mean() > s[64:].mean()
 
 
-def test_shipped_artifact_reward_loads_by_name():
+def test_shipped_artifact_reward_loads_by_name_and_serves_as_an_eval_reward():
+    """The shipped head tells corrupted from clean renderer images, and scores through the collect
+    step that evaluation uses (an ``eval_rewards: [shapes-artifact]`` entry)."""
+    import visalign.samplers as vs
+
     reward = R.load("shapes-artifact")
-    out = reward(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    x, _, _ = renderer_set(32, seed=8)
+    x = x.float() / 255
+    bad = A.inject(x, [A.KINDS[i % 4] for i in range(32)], torch.Generator().manual_seed(0))
+    out = reward(torch.cat([x, bad]))
     assert out.valid.all() and set(out.components) == {"uncertainty", "raw"}
+    from visalign.rewards.head_metrics import roc_auc
+
+    assert roc_auc(out.scores.numpy(), [True] * 32 + [False] * 32) > 0.9
+    rollout = vs.collect(vs.load("toy-shapes"), ["a red circle", "two blue squares"], {"shapes-artifact": reward},
+                         num_steps=2, seeds=[0, 1])
+    s = rollout.scores("shapes-artifact")
+    assert s.shape == (2,) and ((s >= 0) & (s <= 1)).all()
