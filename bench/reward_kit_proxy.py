@@ -8,8 +8,9 @@ read from git at ``--baseline-ref`` (the commit before the kit; its ``visalign/t
 copied into a temporary package), so the comparison can be rerun after it left the tree.
 
 Usage (one CPU slot, one thread):
-    /work/cpu_slot.sh python bench/reward_kit_proxy.py --pool POOL --out OUT [--which kit|baseline|both]
+    /work/cpu_slot.sh python bench/reward_kit_proxy.py --out OUT [--pool POOL] [--which kit|baseline|both]
         [--set optim.steps=600 ...]
+Without ``--pool`` the recipe's default pool (``$VISALIGN_CACHE/toy_pools``) is used (made when absent).
 """
 
 from __future__ import annotations
@@ -60,11 +61,11 @@ def run_baseline(pool: Path, out: Path, ref: str, steps: int, seed: int) -> dict
             "weights_bytes": m["weights_bytes"]}
 
 
-def run_kit(pool: Path, out: Path, overrides: list[str]) -> dict:
+def run_kit(pool: Path, out: Path, overrides: list[str], default_pool: bool) -> dict:
     from visalign.rewards.head_train import load_train_config, train
 
-    cfg = load_train_config("shapes-proxy", [f"data.options.pool={pool}", f"data.options.model={pool_model(pool)}",
-                                             *overrides])
+    pool_sets = [] if default_pool else [f"data.options.pool={pool}", f"data.options.model={pool_model(pool)}"]
+    cfg = load_train_config("shapes-proxy", [*pool_sets, *overrides])
     t0 = time.time()
     m = train(cfg, out=out, log=lambda s: None)
     wall = time.time() - t0
@@ -78,7 +79,7 @@ def run_kit(pool: Path, out: Path, overrides: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pool", required=True, help="pool file (made with toy-shapes when absent)")
+    ap.add_argument("--pool", default=None, help="pool file (made with toy-shapes when absent); default: the recipe's")
     ap.add_argument("--out", required=True)
     ap.add_argument("--which", default="both", choices=["kit", "baseline", "both"])
     ap.add_argument("--baseline-ref", default="3897834", help="git commit with the bespoke trainer")
@@ -87,7 +88,13 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="kit recipe override")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    pool, out = Path(args.pool), Path(args.out)
+    out = Path(args.out)
+    if args.pool is None:
+        from visalign.toy.proxy import _default_pool_path
+
+        pool = _default_pool_path("toy-shapes", args.seed, 1500, 480, 10)
+    else:
+        pool = Path(args.pool)
     if not pool.is_file():
         from visalign.toy.proxy import make_pool
 
@@ -95,7 +102,7 @@ def main() -> None:
     results = []
     for which in (["baseline", "kit"] if args.which == "both" else [args.which]):
         r = (run_baseline(pool, out / "baseline", args.baseline_ref, args.baseline_steps, args.seed)
-             if which == "baseline" else run_kit(pool, out / "kit", args.overrides))
+             if which == "baseline" else run_kit(pool, out / "kit", args.overrides, args.pool is None))
         print(json.dumps(r), flush=True)
         results.append(r)
     (out / "results.jsonl").open("a").write("".join(json.dumps(r) + "\n" for r in results))
