@@ -90,9 +90,11 @@ def test_strict_loading_rejects_a_missing_key(proxy_dir, tmp_path):
 
 def test_shipped_proxy_loads_by_name():
     reward = R.load("shapes-proxy")
-    assert reward.model.backbone_config.kind == "shapes-proxy" and reward.model.heads.members >= 2
+    assert reward.model.backbone_config.kind == "shapes-proxy" and reward.model.task == "binary"
     out = reward(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), ["a red circle", "two squares"])
     assert out.valid.all() and set(out.components) == {"p_strict", "logit", "partial", "uncertainty"}
+    if reward.model.heads.members == 1:  # the former proxy, converted: no ensemble, no spread
+        assert (out.components["uncertainty"] == 0).all()
 
 
 def test_registered_and_differentiable():
