@@ -125,16 +125,27 @@ class LabelledSet:
             if a.images.shape[1:] != b.images.shape[1:]:
                 raise ValueError(f"cannot mix images of shapes {tuple(a.images.shape[1:])} and {tuple(b.images.shape[1:])}")
             images: Any = torch.cat([a.images, b.images])
-        elif isinstance(a.images, list) and isinstance(b.images, list):
-            images = a.images + b.images
-        else:
-            raise ValueError("cannot mix a tensor image set with a file image set")
+        else:  # files, or files and tensors: tensors become PNG files (lossless)
+            images = _as_files(a.images) + _as_files(b.images)
         extras = {k: torch.cat([a.extras[k], b.extras[k]]) for k in a.extras if k in b.extras}
         return LabelledSet(
             images, a.prompts + b.prompts,
             torch.cat([a.targets, b.targets]) if a.targets is not None else None,
             torch.cat([a.pairs, b.pairs + len(a)]) if a.pairs is not None else None,
             torch.cat([a.pair_labels, b.pair_labels]) if a.pairs is not None else None, extras)
+
+
+def _as_files(images: torch.Tensor | list[bytes]) -> list[bytes]:
+    if isinstance(images, list):
+        return list(images)
+    from PIL import Image
+
+    out = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
 
 
 def decode_images(blobs: Sequence[bytes]) -> torch.Tensor:

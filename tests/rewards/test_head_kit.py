@@ -226,25 +226,33 @@ def test_rating_and_binary_heads(tmp_path, tiny_dinov2):
     assert ((out.scores >= 0) & (out.scores <= 1)).all() and out.scores[1] > out.scores[0]
 
 
-def test_finetune_moves_the_head_towards_new_labels(trained_bt, tmp_path):
-    """Reversed labels on new images: fine-tuning flips the head's order on them; with replay of the
-    original pairs the flip is smaller.  The saved head records the fine-tuning."""
+def test_finetune_moves_the_head_towards_new_labels(trained_bt, pref_data, tmp_path):
+    """Reversed preferences on new images: fine-tuning flips the head's order on them; replaying the
+    original pairs (half of each batch) keeps more of the original preference on held-out pairs.
+    The saved head records the fine-tuning."""
     import shutil
 
-    path = tmp_path / "ft"
-    shutil.copytree(trained_bt[0], path)
     red = np.linspace(0, 0.7, 24)
     x = _tinted(red, seed=21)
     pairs = torch.tensor([(i, j) for i in range(24) for j in range(24) if red[j] - red[i] > 0.1])  # bluer wins now
     new = LabelledSet.from_tensors(x, pairs=pairs)
-    before = R.load("head", path=str(path))(x).scores
+    val = read_dataset(pref_data["val"], "pairwise")
+    before = R.load("head", path=str(trained_bt[0]))(x).scores
     assert (before[pairs[:, 0]] < before[pairs[:, 1]]).float().mean() > 0.9
-    T.finetune(path, new, steps=150, batch=64, lr=3e-3, log=_quiet)
-    after = R.load("head", path=str(path))(x).scores
-    assert (after[pairs[:, 0]] > after[pairs[:, 1]]).float().mean() > 0.9
-    meta = json.loads((path / H.CONFIG_NAME).read_text())
-    assert meta["finetuned"][0]["units"] == len(pairs) and "metrics" in meta  # the original metrics kept
-    H.load_head(path)  # still loads strictly
+    acc = {}
+    for replay in (None, pref_data["train"]):
+        path = tmp_path / ("replay" if replay else "plain")
+        shutil.copytree(trained_bt[0], path)
+        T.finetune(path, new, replay=replay, replay_fraction=0.5, steps=150, batch=64, lr=3e-3, log=_quiet)
+        reward = R.load("head", path=str(path))
+        if replay is None:
+            after = reward(x).scores
+            assert (after[pairs[:, 0]] > after[pairs[:, 1]]).float().mean() > 0.9
+        acc[bool(replay)] = T.evaluate(reward.model, val)[0]["pair_accuracy"]
+        meta = json.loads((path / H.CONFIG_NAME).read_text())
+        assert meta["finetuned"][0]["units"] == len(pairs) and "metrics" in meta  # the original metrics kept
+        assert meta["finetuned"][0]["replay_units"] == (300 if replay else 0)
+    assert acc[True] > acc[False] + 0.2, acc
 
 
 def test_recipe_errors_teach(tiny_open_clip, tiny_dinov2):
