@@ -1,19 +1,22 @@
 """The ``shapes-proxy`` reward: a learned, differentiable stand-in for the toy world's gold verifier.
 
-Score: P(strict pass) = ``sigmoid(logit)`` of :class:`visalign.toy.proxy.ShapesProxy`, in [0, 1].
-Components, all ``(B,)`` float32 and differentiable:
+A reward head trained with the kit (``visalign rewards train shapes-proxy``, docs/reward_training.md)
+on the toy world's prompt-conditioned backbone (:class:`visalign.toy.proxy.ProxyBackbone`): an
+ensemble of binary heads predicting the verifier's strict verdict.  Score: P(strict pass), the
+ensemble mean of ``sigmoid(logit_k)``, in [0, 1].  Components, all ``(B,)`` float32:
 
 - ``p_strict``: the score;
-- ``logit``: its logit (the unsquashed value, for gradient methods that prefer it);
-- ``partial``: the model's prediction of the verifier's partial credit, ``sigmoid`` of the second
-  output.
+- ``logit``: the members' mean logit (the unsquashed value, for gradient methods that prefer it);
+- ``partial``: the backbone's prediction of the verifier's partial credit;
+- ``uncertainty``: the ensemble's standard deviation of ``p_strict`` (for guards such as
+  ``uncertainty_penalty``).
 
-Images of any size are resized to 32 px with torch ops (area average down, bilinear up), so the
-autograd graph reaches the pixels; the caller chooses grad mode.  A prompt outside the toy grammar
-makes its sample invalid (score NaN, ``valid`` False, the parser's message in ``extras["reason"]``)
-and its image is not run through the model.  The weights are trained by ``visalign toy train-proxy``
-(:mod:`visalign.toy.proxy`); the default folder is ``shapes-proxy`` of the assets shipped with
-visalign (:mod:`visalign.assets`; ``$VISALIGN_ASSETS`` overrides the assets folder).
+Differentiable: images of any size are resized to 32 px with torch ops (area average down,
+bilinear up), so the autograd graph reaches the pixels; the caller chooses grad mode.  A prompt
+outside the toy grammar makes its sample invalid (score NaN, ``valid`` False, the parser's message
+in ``extras["reason"]``) and its image is not run through the model.  The default folder is
+``shapes-proxy`` of the assets shipped with visalign (:mod:`visalign.assets`; ``$VISALIGN_ASSETS``
+overrides the assets folder).
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import Reward, RewardOutput
-from .registry import info as _registered_info
+from .base import RewardOutput
+from .head import CONFIG_NAME, WEIGHTS_NAME, HeadReward
 
-__all__ = ["ShapesProxyReward", "default_path"]
+__all__ = ["ShapesProxyReward", "default_path", "convert_legacy"]
 
 
 def default_path() -> str:
@@ -38,41 +41,32 @@ def default_path() -> str:
     return str(asset_path("shapes-proxy"))
 
 
-class ShapesProxyReward(Reward):
+class ShapesProxyReward(HeadReward):
     """Learned proxy of the shapes gold verifier (differentiable).
 
     Args:
-        path (`str`, *optional*): folder with ``config.json`` and ``model.safetensors`` written by
-            ``visalign toy train-proxy``; defaults to the shipped weights (:func:`default_path`).
+        path (`str`, *optional*): a folder written by ``visalign rewards train shapes-proxy``;
+            defaults to the shipped weights (:func:`default_path`).
         device (`str`, *optional*, defaults to ``"cpu"``): where the model runs.
     """
 
-    info = _registered_info("shapes-proxy")  # the facts live in catalog.py
-
     def __init__(self, path: str | os.PathLike | None = None, device: str = "cpu") -> None:
-        from visalign.toy.proxy import load
-
         if path is None:
             from visalign.assets import missing_asset_message
-            from visalign.toy.proxy import CONFIG_NAME, WEIGHTS_NAME
 
             path = default_path()
             if not all((Path(path) / f).is_file() for f in (CONFIG_NAME, WEIGHTS_NAME)):
                 raise FileNotFoundError(
                     "reward 'shapes-proxy' (default weights): " + missing_asset_message("shapes-proxy")
-                    + " Or train one with `visalign toy train-proxy --out DIR` and pass path=DIR."
+                    + " Or train one with `visalign rewards train shapes-proxy --out DIR` and pass path=DIR."
                 )
-        self.path = str(path)
-        self.model = load(self.path).to(device)
-        self.model.requires_grad_(False)  # a reward: gradients go to the pixels, not to these weights
+        super().__init__(path, device=device, _registered="shapes-proxy")
+        if self.model.backbone_config.kind != "shapes-proxy" or self.model.task != "binary":
+            raise ValueError(f"{path} holds a {self.model.task} head on a {self.model.backbone_config.kind!r} "
+                             "backbone, not a shapes-proxy (a binary head on the 'shapes-proxy' backbone)")
 
-    def score(
-        self,
-        images: torch.Tensor,
-        prompts: Sequence[str] | None,
-        references: Any,
-        metadata: Sequence[dict] | None,
-    ) -> RewardOutput:
+    def score(self, images: torch.Tensor, prompts: Sequence[str] | None, references: Any,
+              metadata: Sequence[dict] | None) -> RewardOutput:
         from visalign.toy.prompts import parse_prompts
 
         if images.ndim != 4:
@@ -80,17 +74,59 @@ class ShapesProxyReward(Reward):
         b = images.shape[0]
         metas, reasons = parse_prompts(prompts)  # outside the grammar: the proxy never saw such a prompt
         ok = [i for i, m in enumerate(metas) if m is not None]
-        device = self.model.pos_emb.device
         nan = torch.full((b,), float("nan"), device=images.device)
-        logit, partial = nan.clone(), nan.clone()
+        p, logit, partial, unc = nan.clone(), nan.clone(), nan.clone(), nan.clone()
         if ok:
             idx = torch.tensor(ok, device=images.device)
-            out = self.model(images[idx].to(device), [prompts[i] for i in ok]).float().to(images.device)  # (n, 2)
+            feats, _ = self.model.features(images[idx], [prompts[i] for i in ok])
+            raw = self.model.raw(feats)  # (K, n) member logits
+            members = self.model.member_scores(raw)
+            std = members.std(0, unbiased=False) if members.shape[0] > 1 else torch.zeros_like(members[0])
+            dev = images.device
             # index_put keeps the graph from the chosen images' pixels to their scores
-            logit = logit.index_put((idx,), out[:, 0])
-            partial = partial.index_put((idx,), torch.sigmoid(out[:, 1]))
-        p_strict = torch.sigmoid(logit)
+            p = p.index_put((idx,), members.mean(0).float().to(dev))
+            logit = logit.index_put((idx,), raw.mean(0).float().to(dev))
+            partial = partial.index_put((idx,), torch.sigmoid(self.model.trainable.partial_logit(feats)).float().to(dev))
+            unc = unc.index_put((idx,), std.float().to(dev))
         valid = torch.zeros(b, dtype=torch.bool)
         valid[ok] = True
-        return RewardOutput(scores=p_strict, components={"p_strict": p_strict, "logit": logit, "partial": partial},
+        return RewardOutput(scores=p, components={"p_strict": p, "logit": logit, "partial": partial, "uncertainty": unc},
                             valid=valid, extras={"reason": reasons})
+
+
+def convert_legacy(old_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Convert a proxy written by the former ``visalign toy train-proxy`` (``"architecture":
+    "ShapesProxy"``: one MLP head with two outputs, strict and partial) to a kit head, exactly: the
+    head's strict output becomes a one-member ensemble, its partial output the backbone's partial
+    head.  Scores are unchanged (tested); the uncertainty of a one-member ensemble is 0."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .head import BackboneConfig, RewardHeadModel, save_head
+    from .loading import load_strict
+
+    old = Path(old_dir)
+    cfg = json.loads((old / CONFIG_NAME).read_text())
+    if cfg.get("architecture") != "ShapesProxy":
+        raise ValueError(f"{old / CONFIG_NAME} is not a former ShapesProxy (architecture {cfg.get('architecture')!r})")
+    keys = ("width", "text_dim", "text_layers", "text_heads", "hidden", "max_tokens", "vocab")
+    options = {k: cfg[k] for k in keys}
+    h, d = options["hidden"], options["text_dim"]
+    model = RewardHeadModel("binary", BackboneConfig(kind="shapes-proxy", options=options), 2 * h + d, [h], 1,
+                            use_prompt=True)
+    state = load_file(str(old / WEIGHTS_NAME))
+    w0, b0, w2, b2 = (state.pop(k) for k in ("head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"))
+    new = {f"trainable.{k}": v for k, v in state.items()}
+    new.update({
+        "trainable.partial.0.weight": w0, "trainable.partial.0.bias": b0,
+        "trainable.partial.2.weight": w2[1:2], "trainable.partial.2.bias": b2[1:2],
+        "heads.weight.0": w0.T[None].contiguous(), "heads.bias.0": b0[None],
+        "heads.weight.1": w2[0:1].T[None].contiguous(), "heads.bias.1": b2[0:1][None],
+        "input_mean": torch.zeros(2 * h + d), "input_std": torch.ones(2 * h + d),
+        "score_mean": torch.zeros(()), "score_std": torch.ones(()),
+    })
+    load_strict(model, new, f"converted proxy {str(old)!r}")
+    extra = {"converted_from": "ShapesProxy (visalign toy train-proxy)", "trained_on": cfg.get("trained_on"),
+             "metrics": cfg.get("metrics", {})}
+    return save_head(model, out_dir, extra=extra)

@@ -150,7 +150,7 @@ def test_missing_asset_messages_say_how_to_get_them(monkeypatch, tmp_path):
     assert str(installed / "toy-shapes") in msg  # where the installed copy is, wheel or checkout
     with pytest.raises(FileNotFoundError, match="'shapes-proxy' is missing from") as err:
         R.load("shapes-proxy")
-    assert "visalign toy train-proxy --out DIR" in str(err.value)
+    assert "visalign rewards train shapes-proxy --out DIR" in str(err.value)
 
     monkeypatch.delenv("VISALIGN_ASSETS")
     monkeypatch.setattr(A, "_installed_dir", lambda: tmp_path / "gone")

@@ -77,6 +77,15 @@ def _run_sample(args) -> int:
 
 def _add_rewards(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the catalogue as JSON")
+    sub = p.add_subparsers(dest="rewards_command", metavar="ACTION")
+    tr = sub.add_parser("train", help="train a reward head (ensemble) on your labels (docs/reward_training.md)",
+                        description="train a reward head (ensemble) on pairs, ratings or binary labels")
+    tr.add_argument("config", help="a YAML recipe (docs/reward_training.md; configs/rewards/ has examples)")
+    tr.add_argument("--out", default=None, help="output folder (default: the recipe's out:)")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe key, e.g. --set optim.steps=200 (repeatable)")
+    tr.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default auto: the cores other processes leave free)")
 
 
 def _run_rewards(args) -> int:
@@ -85,12 +94,33 @@ def _run_rewards(args) -> int:
 
     from . import rewards
 
+    if getattr(args, "rewards_command", None) == "train":
+        return _run_rewards_train(args)
     if args.json:
         print(json.dumps([dataclasses.asdict(i) for i in rewards.available()], indent=2))
     else:
         from .rewards.catalog import catalog_table
 
         print(catalog_table())
+    return 0
+
+
+def _run_rewards_train(args) -> int:
+    import json
+
+    from .config import ConfigError
+    from .rewards.head_train import load_train_config, train
+    from .threads import configure_threads
+
+    try:
+        configure_threads(args.threads, None)
+        cfg = load_train_config(args.config, args.overrides)
+        metrics = train(cfg, out=args.out)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+    out = args.out or cfg.out
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+    print(f"reward head in {out}: use it as --rewards head:path={out} (calibration plot: {out}/calibration.png)")
     return 0
 
 

@@ -1,4 +1,6 @@
-"""``visalign toy pretrain | eval | train-proxy``: the shapes toy world from the command line."""
+"""``visalign toy pretrain | eval``: the shapes toy world from the command line.
+
+(``train-proxy`` moved to the reward-head kit: ``visalign rewards train shapes-proxy --out DIR``.)"""
 
 from __future__ import annotations
 
@@ -30,14 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--json", default=None, help="write the summary here")
     ev.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default auto: the cores other processes leave free)")
-    tp = sub.add_parser("train-proxy", help="train the shapes-proxy reward (learned, differentiable verifier proxy)")
-    tp.add_argument("--out", required=True,
-                    help="output folder (config.json, model.safetensors, metrics.json, pool cache)")
-    tp.add_argument("--model", default="toy-shapes",
-                    help="base model for the labelled sample pool (toy-shapes or a folder)")
-    tp.add_argument("--steps", type=int, default=1200,
-                    help="training steps of 64 images (default 1200, ~3 min on one core)")
-    tp.add_argument("--seed", type=int, default=0, help="seed of the pool's noise, the data and the initialisation")
+    tp = sub.add_parser("train-proxy", help="moved: use `visalign rewards train shapes-proxy --out DIR`")
+    tp.add_argument("--out", default=None)
+    tp.add_argument("--model", default=None)
+    tp.add_argument("--steps", type=int, default=None)
+    tp.add_argument("--seed", type=int, default=None)
 
 
 def run(args) -> int:
@@ -49,19 +48,11 @@ def run(args) -> int:
         print(f"pretrained model in {out}")
         return 0
     if args.toy_command == "train-proxy":
-        from visalign.samplers import ModelNotFoundError
-
-        from .proxy import train_proxy
-
-        try:
-            m = train_proxy(args.out, model=args.model, steps=args.steps, seed=args.seed)
-        except (ModelNotFoundError, FileNotFoundError) as err:
-            print(f"visalign toy train-proxy: error: {err}", file=sys.stderr)
-            return 2
-        print(f"held-out ROC AUC vs the gold verifier (base-model samples, eval split): {m['heldout_auc']:.3f} "
-              f"(n={m['pool_eval']}, gold pass rate {m['heldout_gold_pass_rate']:.2f}); "
-              f"renderer hard negatives: {m['renderer_auc']:.3f}; proxy and metrics.json in {args.out}")
-        return 0
+        sets = "".join(f" --set {k}={v}" for k, v in (("data.options.model", args.model), ("optim.steps", args.steps),
+                                                       ("optim.seed", args.seed)) if v is not None)
+        print("visalign toy train-proxy: moved to the reward-head kit (docs/reward_training.md); run\n"
+              f"  visalign rewards train shapes-proxy --out {args.out or 'DIR'}{sets}", file=sys.stderr)
+        return 2
     from visalign.samplers import ModelNotFoundError
     from visalign.threads import configure_threads
 

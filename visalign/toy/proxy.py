@@ -1,12 +1,15 @@
-"""``shapes-proxy``: a small learned, differentiable reward for the shapes world.
+"""``shapes-proxy``'s toy-specific parts: the prompt-conditioned backbone and the labelled data.
 
 The gold verifier (:mod:`.verify`) segments and counts, so it has no gradient.  The proxy is a
 small network that predicts the verifier's verdict from pixels and prompt text, so reward-gradient
 methods (DRaFT / AlignProp / ReFL, reward guidance) have something to differentiate, and
 optimising it hard while watching the gold verifier measures reward hacking (Gao et al. 2023,
-"Scaling Laws for Reward Model Overoptimization").
+"Scaling Laws for Reward Model Overoptimization").  It is trained with the reward-head kit
+(``visalign rewards train shapes-proxy``, docs/reward_training.md): this module supplies the
+kit's trainable backbone (:class:`ProxyBackbone`) and its data provider (:func:`training_data`);
+the toy world imports nothing from the kit.
 
-Model (:class:`ShapesProxy`, about 0.3 M parameters, 1.2 MB in float32):
+Backbone (:class:`ProxyBackbone`, about 0.3 M parameters):
 
 - **text**: the prompt's words (the grammar's vocabulary, :func:`.prompts.vocabulary`) after a
   ``<cls>`` token, with learned positions, through a 2-layer pre-norm transformer encoder; the
@@ -18,31 +21,25 @@ Model (:class:`ShapesProxy`, about 0.3 M parameters, 1.2 MB in float32):
   Liu et al. 2018, for the position prompts), four 3x3 conv + SiLU blocks at 16 then 8 px (no
   normalisation layer: a per-image norm would erase the object count), mean- and max-pooled to a
   scene vector ``z``.
-- **head**: an MLP on ``[z * W t, z, t]`` (a bilinear prompt-scene interaction) to two outputs,
-  the logit of P(strict pass) and the logit of the verifier's partial credit.
-- **auxiliary heads** (training only): from ``z`` the per-(shape, colour) object counts and each
-  shape's mean centre; from the 16 px features a per-pixel colour map and shape map.  Their targets
-  are the gold verifier's own detections; without them the verdict alone, one bit per image, left
-  the network at chance for hundreds of steps.
+- **features** for the kit's heads: ``[z * W t, z, t]`` (a bilinear prompt-scene interaction).
+- **auxiliary heads** (trained through the provider's extra loss): the verifier's partial credit
+  (from the features; the reward reports it as ``partial``), per-(shape, colour) object counts and
+  each shape's mean centre (from ``z``), and a per-pixel colour and shape map (from the 16 px
+  features).  Their targets are the gold verifier's own detections; without them the verdict
+  alone, one bit per image, left the network at chance for hundreds of steps.
 
-Training (:func:`train_proxy`) labels every image with the gold verifier: renderer images of train
-prompts (mostly passes), renderer images of a mutated prompt paired with the original one (hard
-negatives: another colour, swapped colours, another shape, count or relation, a dropped object),
-and a cached pool of base-model samples.  Loss: binary cross-entropy on the strict verdict, plus
-0.5 x binary cross-entropy of the partial logit against the partial credit (a soft label in
-[0, 1]), plus the auxiliary losses (MSE on counts and centres, cross-entropy on the two maps).
-The reported number is the ROC AUC of P(strict) against the verdicts on held-out base-model
-samples of the eval split (fresh noise, all 243 prompts including the held-out compositions).
+Data (:func:`training_data`), every image labelled by the gold verifier: renderer images of train
+prompts, half of them drawn for a mutated prompt and paired with the original one (hard negatives:
+another colour, swapped colours, another shape, count or relation, a dropped object), and a cached
+pool of base-model samples of train prompts (:func:`make_pool`).  Held out: fresh base-model
+samples of eval-split prompts (all 243 prompts, including the held-out compositions).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -57,45 +54,26 @@ from .verify import Detected, check, to_work
 from .verify import _objects, _segment  # the verifier's own segmentation, for dense targets
 
 __all__ = [
-    "ProxyConfig",
-    "ShapesProxy",
-    "build",
-    "save",
-    "load",
+    "ProxyBackbone",
     "resize_to_work",
     "mutate",
     "roc_auc",
     "make_pool",
-    "train_proxy",
+    "read_pool",
+    "label",
+    "renderer_set",
+    "renderer_eval_set",
+    "training_data",
+    "extra_loss",
 ]
 
 WORK_RES = 32
 SPECIALS = ("<pad>", "<cls>", "<unk>")
-CONFIG_NAME, WEIGHTS_NAME, POOL_NAME = "config.json", "model.safetensors", "pool.safetensors"
-ARCH = "ShapesProxy"
+POOL_NAME = "pool.safetensors"
 #: scene head outputs: object counts per (shape, colour), then mean centre (x, y) per shape
 N_AUX = len(SHAPES) * len(COLORS) + 2 * len(SHAPES)
 N_SEG = (1 + len(COLORS)) + (1 + len(SHAPES))  # dense classes: colour map, then shape map
 IGNORE = -100
-
-
-@dataclass
-class ProxyConfig:
-    """Architecture of the proxy; saved as ``config.json`` beside the weights."""
-
-    width: int = 48  # conv channels at 16 px; 2x at 8 px
-    text_dim: int = 64  # token / prompt embedding size
-    text_layers: int = 2  # transformer encoder layers
-    text_heads: int = 4
-    hidden: int = 128  # head MLP width
-    max_tokens: int = 16  # <cls> + words; the grammar's longest prompt has 10 words
-    vocab: list[str] = field(default_factory=lambda: list(SPECIALS) + vocabulary())
-
-    def __post_init__(self) -> None:
-        if self.text_dim % self.text_heads:
-            raise ValueError(f"text_dim must be divisible by text_heads: got {self.text_dim} and {self.text_heads}")
-        if list(self.vocab[: len(SPECIALS)]) != list(SPECIALS):
-            raise ValueError(f"vocab must start with the special tokens {SPECIALS}; got {self.vocab[:3]}")
 
 
 def normalize_prompt(text: str) -> list[str]:
@@ -106,33 +84,54 @@ def normalize_prompt(text: str) -> list[str]:
     return words
 
 
-class ShapesProxy(nn.Module):
-    """Prompt-conditioned CNN predicting the gold verifier's verdict (see the module docstring)."""
+class ProxyBackbone(nn.Module):
+    """Prompt-conditioned CNN features for the kit's heads (see the module docstring).
 
-    def __init__(self, config: ProxyConfig) -> None:
+    Args:
+        width (`int`, *optional*, defaults to 48): conv channels at 16 px (twice that at 8 px).
+        text_dim (`int`, *optional*, defaults to 64): token / prompt embedding size.
+        text_layers (`int`, *optional*, defaults to 2): transformer encoder layers.
+        text_heads (`int`, *optional*, defaults to 4): attention heads.
+        hidden (`int`, *optional*, defaults to 128): scene vector size.
+        max_tokens (`int`, *optional*, defaults to 16): ``<cls>`` + words (the longest prompt has 10).
+        vocab (`list[str]`, *optional*): the token list (special tokens first); defaults to the
+            grammar's, and is saved with the weights so a later grammar change cannot shift ids.
+    """
+
+    uses_prompts = True
+
+    def __init__(self, width: int = 48, text_dim: int = 64, text_layers: int = 2, text_heads: int = 4,
+                 hidden: int = 128, max_tokens: int = 16, vocab: Sequence[str] | None = None) -> None:
         super().__init__()
-        self.config = config
-        c, d = config.width, config.text_dim
-        self._index = {w: i for i, w in enumerate(config.vocab)}
-        self.tok_emb = nn.Embedding(len(config.vocab), d)
-        self.pos_emb = nn.Parameter(torch.zeros(config.max_tokens, d))
-        layer = nn.TransformerEncoderLayer(d, config.text_heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
-        self.text = nn.TransformerEncoder(layer, config.text_layers, enable_nested_tensor=False)
+        vocab = list(vocab) if vocab is not None else list(SPECIALS) + vocabulary()
+        if text_dim % text_heads:
+            raise ValueError(f"text_dim must be divisible by text_heads: got {text_dim} and {text_heads}")
+        if vocab[: len(SPECIALS)] != list(SPECIALS):
+            raise ValueError(f"vocab must start with the special tokens {SPECIALS}; got {vocab[:3]}")
+        self.options = dict(width=width, text_dim=text_dim, text_layers=text_layers, text_heads=text_heads,
+                            hidden=hidden, max_tokens=max_tokens, vocab=vocab)
+        c, d = width, text_dim
+        self.max_tokens = max_tokens
+        self._index = {w: i for i, w in enumerate(vocab)}
+        self.tok_emb = nn.Embedding(len(vocab), d)
+        self.pos_emb = nn.Parameter(torch.zeros(max_tokens, d))
+        layer = nn.TransformerEncoderLayer(d, text_heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.text = nn.TransformerEncoder(layer, text_layers, enable_nested_tensor=False)
         self.text_norm = nn.LayerNorm(d)
         chans = [(12 + 2, c), (c, c), (c, 2 * c), (2 * c, 2 * c)]
         self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, padding=1) for i, o in chans)
         # dense head on the 16 px features: per-pixel colour (background + palette) and shape
         # (background + SHAPES) logits for the 2x2 pixels of each location
         self.seg = nn.Conv2d(c, 4 * N_SEG, 1)
-        self.scene = nn.Sequential(nn.Linear(4 * c, config.hidden), nn.SiLU())
-        self.aux = nn.Linear(config.hidden, N_AUX)
-        self.gate = nn.Linear(d, config.hidden)
-        self.head = nn.Sequential(nn.Linear(2 * config.hidden + d, config.hidden), nn.SiLU(),
-                                  nn.Linear(config.hidden, 2))
+        self.scene = nn.Sequential(nn.Linear(4 * c, hidden), nn.SiLU())
+        self.aux = nn.Linear(hidden, N_AUX)
+        self.gate = nn.Linear(d, hidden)
+        self.feature_dim = 2 * hidden + d
+        self.partial = nn.Sequential(nn.Linear(self.feature_dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids ``(B, L)`` and padding mask ``(B, L)`` (True = padding); unknown words -> ``<unk>``."""
-        n = self.config.max_tokens
+        n = self.max_tokens
         ids = torch.zeros(len(prompts), n, dtype=torch.long)
         for i, p in enumerate(prompts):
             words = normalize_prompt(p)
@@ -176,13 +175,20 @@ class ShapesProxy(nn.Module):
         return (z, seg) if dense else z
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str], return_aux: bool = False):
-        """Logits ``(B, 2)``: ``[:, 0]`` P(strict pass), ``[:, 1]`` partial credit; images in [0, 1].
-        With ``return_aux``, also the scene head's predictions ``(B, N_AUX)`` and the dense logits
-        ``(B, N_SEG, 32, 32)`` (see :func:`scene_labels`)."""
+        """Features ``(B, 2 * hidden + text_dim)`` = ``[z * W t, z, t]`` of images in [0, 1]; with
+        ``return_aux`` also ``{"partial": (B,) logit, "scene": (B, N_AUX), "seg": (B, N_SEG, 32, 32)}``."""
+        if prompts is None:
+            raise ValueError("the shapes-proxy backbone reads the prompt: pass prompts")
         z, seg = self.encode_images(images, dense=True) if return_aux else (self.encode_images(images), None)
         t = self.embed_prompts(prompts)  # (B, D)
-        logits = self.head(torch.cat([z * self.gate(t), z, t], 1))  # bilinear prompt-scene interaction
-        return (logits, self.aux(z), seg) if return_aux else logits
+        feats = torch.cat([z * self.gate(t), z, t], 1)  # bilinear prompt-scene interaction
+        if not return_aux:
+            return feats
+        return feats, {"partial": self.partial_logit(feats), "scene": self.aux(z), "seg": seg}
+
+    def partial_logit(self, feats: torch.Tensor) -> torch.Tensor:
+        """Logit ``(B,)`` of the verifier's partial credit, from :meth:`forward`'s features."""
+        return self.partial(feats).squeeze(-1)
 
 
 def resize_to_work(images: torch.Tensor) -> torch.Tensor:
@@ -196,53 +202,6 @@ def resize_to_work(images: torch.Tensor) -> torch.Tensor:
     if h >= WORK_RES and w >= WORK_RES:
         return F.adaptive_avg_pool2d(images, WORK_RES)
     return F.interpolate(images, size=(WORK_RES, WORK_RES), mode="bilinear", align_corners=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Build / save / load
-# ----------------------------------------------------------------------------------------------
-
-
-def build(config: ProxyConfig | None = None, seed: int = 0) -> ShapesProxy:
-    """A fresh proxy, initialised from ``seed`` (the global RNG is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # nn.Module initialisers draw from the global generator
-        return ShapesProxy(config or ProxyConfig())
-
-
-def save(model: ShapesProxy, out_dir: str | os.PathLike, extra: Mapping | None = None) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` to ``out_dir``."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(out / (WEIGHTS_NAME + ".tmp")), metadata={"format": "pt"})
-    (out / (WEIGHTS_NAME + ".tmp")).replace(out / WEIGHTS_NAME)
-    cfg = {"architecture": ARCH, **asdict(model.config), **(dict(extra) if extra else {})}
-    (out / (CONFIG_NAME + ".tmp")).write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / (CONFIG_NAME + ".tmp")).replace(out / CONFIG_NAME)
-    return out
-
-
-def load(path: str | os.PathLike) -> ShapesProxy:
-    """Load a proxy saved by :func:`save` (strict: every key present, no extra ones), in eval mode."""
-    from safetensors.torch import load_file
-
-    root = Path(path)
-    cfg_file, weights = root / CONFIG_NAME, root / WEIGHTS_NAME
-    if not cfg_file.is_file() or not weights.is_file():
-        raise FileNotFoundError(
-            f"no shapes-proxy at {str(root)!r}: expected {CONFIG_NAME} and {WEIGHTS_NAME}. "
-            "Train one with `visalign toy train-proxy --out DIR` and pass path=DIR."
-        )
-    raw = json.loads(cfg_file.read_text())
-    if raw.get("architecture") != ARCH:
-        raise ValueError(f"{cfg_file} describes a {raw.get('architecture')!r}, not a {ARCH}")
-    fields = ProxyConfig.__dataclass_fields__
-    model = ShapesProxy(ProxyConfig(**{k: v for k, v in raw.items() if k in fields}))
-    model.load_state_dict(load_file(str(weights)), strict=True)
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,9 +272,10 @@ def make_pool(path: str | os.PathLike, model: str, n_train: int = 1500, n_eval: 
     return out
 
 
-def _read_pool(path: Path) -> tuple[dict, dict]:
+def read_pool(path: str | os.PathLike) -> tuple[dict, dict]:
     from safetensors import safe_open
 
+    """The pool's tensors (with the scene targets recomputed) and its metadata (prompts, tags, model)."""
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         info = dict(f.metadata())
@@ -393,28 +353,6 @@ def _renderer_batch(metas: Sequence[Mapping], rng: np.random.Generator, p_negati
     return x, [m["prompt"] for m in metas], label(x, metas), torch.tensor(kinds)
 
 
-def _loss(net: ShapesProxy, x: torch.Tensor, prompts: Sequence[str], y: Mapping[str, torch.Tensor],
-          w_partial: float, w_aux: float) -> torch.Tensor:
-    """BCE on the strict verdict + ``w_partial`` BCE of the partial logit against the partial
-    credit + ``w_aux`` times the scene losses: masked MSE of the counts and centres, per-pixel
-    cross-entropy of the colour and shape maps (all targets from the gold verifier)."""
-    logits, aux, seg = net(x, prompts, return_aux=True)
-    bce = F.binary_cross_entropy_with_logits
-    m = y["aux_mask"].float()
-    aux_loss = (((aux - y["aux"]) ** 2) * m).sum() / m.sum().clamp(min=1)
-    n_col = 1 + len(COLORS)
-    dense = F.cross_entropy(seg[:, :n_col], y["colour_map"]) + F.cross_entropy(
-        seg[:, n_col:], y["shape_map"], ignore_index=IGNORE)
-    main = bce(logits[:, 0], y["strict"]) + w_partial * bce(logits[:, 1], y["partial"])
-    return main + w_aux * (aux_loss + dense)
-
-
-@torch.no_grad()
-def _predict(model: ShapesProxy, images: torch.Tensor, prompts: Sequence[str], batch: int = 256) -> torch.Tensor:
-    outs = [model(images[k:k + batch], prompts[k:k + batch]) for k in range(0, len(prompts), batch)]
-    return torch.cat(outs) if outs else torch.zeros(0, 2)
-
-
 def _by_tag(name: str, tags: Sequence[str] | None) -> dict:
     groups = by_tag(split(name))
     if tags is None:
@@ -434,143 +372,125 @@ def renderer_eval_set(n: int, seed: int, tags: Sequence[str] | None = None):
     return x, prompts, y["strict"], kinds
 
 
-@contextlib.contextmanager
-def _num_threads(n: int | None):
-    previous = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
-def train_proxy(
-    out_dir: str | os.PathLike,
-    model: str | None = "toy-shapes",
-    steps: int = 1200,
-    seed: int = 0,
-    batch: int = 64,
-    pool_fraction: float = 0.5,
-    lr: float = 2e-3,
-    weight_decay: float = 1e-4,
-    w_partial: float = 0.5,
-    w_aux: float = 1.0,
-    pool_train: int = 1500,
-    pool_eval: int = 480,
-    pool_steps: int = 10,
-    renderer_eval: int = 480,
-    config: ProxyConfig | None = None,
-    tags: Sequence[str] | None = None,
-    log_every: int = 50,
-    threads: int | None = 1,
-    log=print,
-) -> dict:
-    """Train the proxy; write it to ``out_dir`` (``config.json``, ``model.safetensors``) with
-    ``metrics.json`` and ``log.jsonl``; return the metrics.
+def renderer_set(n: int, seed: int, tags: Sequence[str] | None = None, split_name: str = "train",
+                 p_negative: float = 0.5, chunk: int = 256):
+    """``n`` renderer images of ``split_name`` prompts (category-balanced), ``p_negative`` of them
+    drawn for a mutated prompt; returns images uint8 ``(n, 3, 32, 32)``, prompts and the
+    :func:`label` dict."""
+    rng = np.random.default_rng([seed, 5])
+    by = _by_tag(split_name, tags)
+    xs, prompts, labels = [], [], []
+    for s in range(0, n, chunk):
+        x, p, y, _ = _renderer_batch(_balanced(by, min(chunk, n - s), rng), rng, p_negative)
+        xs.append((x * 255).round().to(torch.uint8))
+        prompts += p
+        labels.append(y)
+    return torch.cat(xs), prompts, {k: torch.cat([y[k] for y in labels]) for k in labels[0]}
+
+
+_EXTRAS = ("partial", "aux", "aux_mask", "colour_map", "shape_map")
+
+
+def extra_loss(aux: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], w_partial: float = 0.5) -> torch.Tensor:
+    """The auxiliary losses (the kit adds them to its verdict loss): ``w_partial`` x binary
+    cross-entropy of the partial-credit logit against the verifier's partial credit (a soft label
+    in [0, 1]), masked MSE of the object counts and centres, per-pixel cross-entropy of the colour
+    and shape maps; all targets from the gold verifier."""
+    m = targets["aux_mask"].float()
+    aux_loss = (((aux["scene"] - targets["aux"]) ** 2) * m).sum() / m.sum().clamp(min=1)
+    n_col = 1 + len(COLORS)
+    seg = aux["seg"]
+    dense = F.cross_entropy(seg[:, :n_col], targets["colour_map"]) + F.cross_entropy(
+        seg[:, n_col:], targets["shape_map"], ignore_index=IGNORE)
+    partial = F.binary_cross_entropy_with_logits(aux["partial"], targets["partial"])
+    return w_partial * partial + aux_loss + dense
+
+
+def _default_pool_path(model: str, seed: int, n_train: int, n_eval: int, steps: int) -> Path:
+    root = Path(os.environ.get("VISALIGN_CACHE", Path.home() / ".cache" / "visalign")) / "toy_pools"
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(model))[-60:]
+    return root / f"{name}-s{seed}-{n_train}+{n_eval}-{steps}steps.safetensors"
+
+
+def training_data(seed: int = 0, log=print, model: str | None = "toy-shapes", pool: str | None = None,
+                  pool_train: int = 1500, pool_eval: int = 480, pool_steps: int = 10, renderer: int = 6000,
+                  renderer_eval: int = 480, pool_share: float = 0.5, tags: Sequence[str] | None = None,
+                  w_partial: float = 0.5) -> dict:
+    """The kit's data provider for ``shapes-proxy`` (``data: {provider: shapes-proxy, options: ...}``).
 
     Args:
-        model (`str`, *optional*): the base model (``toy-shapes`` or a folder) whose samples make
-            the pool, cached in ``out_dir/pool.safetensors`` (reused when present and made from the
-            same model).  ``None``: renderer data only, no base-model AUC.
-        steps (`int`): AdamW steps; ``batch`` images each, ``pool_fraction`` of them from the pool.
-        lr (`float`): peak learning rate; linear warm-up over 5% of the steps, cosine decay to 0.
-        w_partial (`float`): weight of the partial-credit loss.
-        w_aux (`float`): weight of the scene head's loss (counts and centres of the verifier's
-            detections); it teaches the image tower what the verdict depends on.
-        pool_train, pool_eval (`int`): base-model samples of train prompts (trained on) and of
-            eval prompts (held out for the ROC AUC); ``pool_steps`` ODE steps, CFG 3.0.
-        renderer_eval (`int`): held-out renderer images (eval prompts, half hard negatives).
-        tags (`Sequence[str]`, *optional*): train (and test on renderer images) only these prompt
-            categories; default all of :data:`.prompts.TAGS`.  The base-model pool is not filtered.
-        threads (`int`, *optional*): ``torch.set_num_threads`` while training (restored after);
-            1 keeps a shared machine usable, ``None`` leaves the setting alone.
-    """
-    with _num_threads(threads):
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        t_start = time.time()
-        pool = info = None
-        if model is not None:
-            pool_path = out / POOL_NAME
-            if pool_path.is_file():
-                pool, info = _read_pool(pool_path)
-                if info["model"] != str(model):
-                    raise ValueError(f"{pool_path} holds samples of {info['model']!r}, not {model!r}: "
-                                     "delete it or use another --out")
-                log(f"pool: reusing {pool_path} ({len(info['prompts'])} samples)")
-            else:
-                make_pool(pool_path, model, pool_train, pool_eval, seed=seed, num_steps=pool_steps, log=log)
-                pool, info = _read_pool(pool_path)
-        t_pool = time.time() - t_start
-        train_idx = torch.nonzero(~pool["is_eval"]).flatten() if pool else torch.zeros(0, dtype=torch.long)
-        n_pool = int(round(batch * pool_fraction)) if len(train_idx) else 0
+        model (`str`, *optional*): base model whose samples make the pool (``toy-shapes`` or a
+            folder); ``None``: renderer images only, held out on renderer images of eval prompts.
+        pool (`str`, *optional*): the pool file; made with :func:`make_pool` when absent, reused
+            when present (and made from ``model``).  Default: under ``$VISALIGN_CACHE/toy_pools``.
+        pool_train, pool_eval (`int`): base-model samples of train prompts (trained on) and of eval
+            prompts (held out); ``pool_steps`` ODE steps, CFG 3.
+        renderer (`int`): renderer images of train prompts (half hard negatives), drawn once.
+        renderer_eval (`int`): without a model, held-out renderer images of eval prompts.
+        pool_share (`float`): expected share of pool samples in each batch.
+        tags: train on these prompt categories only (renderer images); default all.
 
-        net = build(config, seed).train()
-        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-        warmup = max(1, steps // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(steps, 1)))))
-        train_by_tag = _by_tag("train", tags)
-        g = torch.Generator().manual_seed(seed)
-        logf = open(out / "log.jsonl", "w")
-        losses, t0 = [], time.time()
-        for step in range(steps):
-            rng = np.random.default_rng([seed, step, 3])
-            x, prompts, y, _ = _renderer_batch(_balanced(train_by_tag, batch - n_pool, rng), rng)
-            if n_pool:
-                idx = train_idx[torch.randint(len(train_idx), (n_pool,), generator=g)]
-                x = torch.cat([x, pool["images"][idx].float() / 255])
-                prompts = prompts + [info["prompts"][i] for i in idx.tolist()]
-                y = {k: torch.cat([v, pool[k][idx]]) for k, v in y.items()}
-            loss = _loss(net, x, prompts, y, w_partial, w_aux)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                rec = {"step": step + 1, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
-                       "elapsed_s": round(time.time() - t0, 1)}
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
-                log(f"step {step + 1}/{steps} loss {rec['loss']:.4f} ({rec['elapsed_s']:.0f}s)")
-                losses = []
-        logf.close()
-        t_train = time.time() - t0
-        net.eval()
-        metrics = {"steps": steps, "seed": seed, "batch": batch, "pool_fraction": pool_fraction if n_pool else 0.0,
-                   "params": sum(p.numel() for p in net.parameters()), "pool_seconds": round(t_pool, 1),
-                   "train_seconds": round(t_train, 1), "threads": torch.get_num_threads(),
-                   "tags": list(tags) if tags is not None else list(TAGS)}
-        rx, rp, rs, _ = renderer_eval_set(renderer_eval, seed + 1, tags)
-        r_logit = _predict(net, rx, rp)[:, 0]
-        metrics["renderer_auc"] = roc_auc(r_logit.numpy(), rs.numpy() > 0.5)
-        metrics["renderer_positive_rate"] = float(rs.mean())
-        if pool:
-            ev = torch.nonzero(pool["is_eval"]).flatten()
-            prompts = [info["prompts"][i] for i in ev.tolist()]
-            logits = _predict(net, pool["images"][ev].float() / 255, prompts)
-            gold, partial = pool["strict"][ev].numpy() > 0.5, pool["partial"][ev].numpy()
-            p = torch.sigmoid(logits).numpy()
-            sample_tags = np.array([info["tags"][i] for i in ev.tolist()])
-            held = pool["heldout"][ev].numpy()
-            metrics.update({
-                "model": str(model),
-                "pool_train": int(len(train_idx)), "pool_eval": int(len(ev)),
-                "heldout_auc": roc_auc(p[:, 0], gold),
-                "heldout_auc_unseen_compositions": roc_auc(p[:, 0][held], gold[held]),
-                "heldout_accuracy_at_0.5": float(((p[:, 0] > 0.5) == gold).mean()),
-                "heldout_gold_pass_rate": float(gold.mean()),
-                "heldout_partial_mae": float(np.abs(p[:, 1] - partial).mean()),
-                "heldout_partial_pearson": (float(np.corrcoef(p[:, 1], partial)[0, 1]) if partial.std() > 0
-                                            else float("nan")),
-                "heldout_auc_by_tag": {t: roc_auc(p[:, 0][sample_tags == t], gold[sample_tags == t]) for t in TAGS},
-                "train_pool_gold_pass_rate": float(pool["strict"][train_idx].mean()),
-            })
-        headline = {k: metrics[k] for k in ("heldout_auc", "renderer_auc") if k in metrics}
-        save(net, out, extra={"trained_on": str(model), "metrics": headline})
-        metrics["weights_bytes"] = (out / WEIGHTS_NAME).stat().st_size
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        return metrics
+    Returns the kit's provider mapping: ``train`` and ``val`` (uint8 images, prompts, strict
+    verdicts as targets, the auxiliary targets as extras), ``sample_probs``, ``extra_loss`` and
+    ``report`` (held-out AUC by category and on the held-out compositions).
+    """
+    if not 0.0 <= pool_share < 1.0:
+        raise ValueError(f"pool_share must be in [0, 1), got {pool_share}")
+    if model is None and not renderer:
+        raise ValueError("shapes-proxy data: without a model (no pool) renderer must be > 0")
+    t0 = time.time()
+    tensors = info = None
+    pool_path = None
+    if model is not None:
+        pool_path = Path(pool) if pool else _default_pool_path(model, seed, pool_train, pool_eval, pool_steps)
+        if pool_path.is_file():
+            tensors, info = read_pool(pool_path)
+            if info["model"] != str(model):
+                raise ValueError(f"{pool_path} holds samples of {info['model']!r}, not {model!r}: delete it, pass "
+                                 "another pool path, or set model to the pool's")
+            log(f"pool: reusing {pool_path} ({len(info['prompts'])} samples)")
+        else:
+            make_pool(pool_path, model, pool_train, pool_eval, seed=seed, num_steps=pool_steps, log=log)
+            tensors, info = read_pool(pool_path)
+    t_pool = time.time() - t0
+    t1 = time.time()
+    rx, rp, ry = renderer_set(renderer, seed, tags) if renderer else (None, [], None)
+    log(f"renderer: {renderer} labelled images in {time.time() - t1:.0f}s")
+
+    def part(idx):
+        return {"images": tensors["images"][idx], "prompts": [info["prompts"][i] for i in idx.tolist()],
+                "targets": tensors["strict"][idx].float(), "extras": {k: tensors[k][idx] for k in _EXTRAS}}
+
+    if tensors is None:
+        vx, vp, vy, _ = _renderer_batch(_balanced(_by_tag("eval", tags), renderer_eval, np.random.default_rng([seed, 11])),
+                                        np.random.default_rng([seed, 12]))
+        val = {"images": (vx * 255).round().to(torch.uint8), "prompts": vp, "targets": vy["strict"],
+               "extras": {k: vy[k] for k in _EXTRAS}}
+        return {"train": {"images": rx, "prompts": rp, "targets": ry["strict"], "extras": {k: ry[k] for k in _EXTRAS}},
+                "val": val, "extra_loss": lambda aux, targets: extra_loss(aux, targets, w_partial)}
+    tr = torch.nonzero(~tensors["is_eval"]).flatten()
+    ev = torch.nonzero(tensors["is_eval"]).flatten()
+    train = part(tr)
+    if rx is not None:
+        train = {"images": torch.cat([rx, train["images"]]), "prompts": rp + train["prompts"],
+                 "targets": torch.cat([ry["strict"], train["targets"]]),
+                 "extras": {k: torch.cat([ry[k], train["extras"][k]]) for k in _EXTRAS}}
+    n_r, n_p = len(rp), len(tr)
+    probs = None
+    if n_r and n_p:
+        probs = torch.cat([torch.full((n_r,), (1 - pool_share) / n_r), torch.full((n_p,), pool_share / n_p)])
+    val = part(ev)
+    val_tags = np.array([info["tags"][i] for i in ev.tolist()])
+    held = tensors["heldout"][ev].numpy()
+    gold = val["targets"].numpy() > 0.5
+
+    def report(scores: np.ndarray) -> dict:
+        return {"heldout_auc_by_tag": {t: roc_auc(scores[val_tags == t], gold[val_tags == t]) for t in TAGS},
+                "heldout_auc_unseen_compositions": roc_auc(scores[held], gold[held]),
+                "heldout_gold_pass_rate": float(gold.mean()), "pool_seconds": round(t_pool, 1),
+                "renderer_images": n_r, "pool_train": n_p, "pool_eval": len(ev), "pool": str(pool_path)}
+
+    return {"train": train, "val": val, "sample_probs": probs, "report": report,
+            "extra_loss": lambda aux, targets: extra_loss(aux, targets, w_partial)}
