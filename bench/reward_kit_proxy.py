@@ -8,7 +8,7 @@ read from git at ``--baseline-ref`` (the commit before the kit; its ``visalign/t
 copied into a temporary package), so the comparison can be rerun after it left the tree.
 
 Usage (one CPU slot, one thread):
-    /work/cpu_slot.sh python bench/reward_kit_proxy.py --out OUT [--pool POOL] [--which kit|baseline|both]
+    python bench/reward_kit_proxy.py --out OUT [--pool POOL] [--which kit|baseline|both]
         [--set optim.steps=600 ...]
 Without ``--pool`` the recipe's default pool (``$VISALIGN_CACHE/toy_pools``) is used (made when absent).
 """
