@@ -8,7 +8,7 @@ accelerate, not the reward models.  Algorithms are registered by name in
 from __future__ import annotations
 
 __all__ = ["Trainer", "OptimConfig", "TrainingStopped", "GRPOConfig", "GRPOTrainer", "NFTConfig", "NFTTrainer",
-           "RunSettings", "LoraSettings", "TrainRecipe", "build_trainer", "load_recipe", "registry"]
+           "DPOConfig", "DPOTrainer", "RunSettings", "LoraSettings", "TrainRecipe", "build_trainer", "load_recipe", "registry"]
 
 _LAZY = {
     "Trainer": ".base",
@@ -18,6 +18,8 @@ _LAZY = {
     "GRPOTrainer": ".grpo.trainer",
     "NFTConfig": ".nft.config",
     "NFTTrainer": ".nft.trainer",
+    "DPOConfig": ".dpo.config",
+    "DPOTrainer": ".dpo.trainer",
     "RunSettings": ".common.run",
     "LoraSettings": ".common.lora",
     "TrainRecipe": ".recipe",

@@ -63,3 +63,5 @@ register("grpo", "visalign.trainers.grpo.config:GRPOConfig", "visalign.trainers.
          "Flow-GRPO (flow models) / DDPO (eps, v models): clipped policy gradient on SDE rollouts")
 register("nft", "visalign.trainers.nft.config:NFTConfig", "visalign.trainers.nft.trainer:NFTTrainer",
          "DiffusionNFT: advantage-weighted flow matching on ODE rollouts (flow models)")
+register("dpo", "visalign.trainers.dpo.config:DPOConfig", "visalign.trainers.dpo.trainer:DPOTrainer",
+         "Diffusion-DPO / Flow-DPO: preference pairs offline (Pick-a-Pic, a JSONL folder) or reward-ranked online")
