@@ -194,6 +194,15 @@ class DPOTrainer(GroupTrainer):
                         "ref_mse_w": float(st["ref_mse_w"].mean()), "ref_mse_l": float(st["ref_mse_l"].mean())})
         return row
 
+    def encode(self, prompts: list[str]):
+        """Conditioning of ``prompts``, each encoded on its own (cached when
+        ``run.cache_prompt_embeddings``): an embedding then does not depend on the batch it was first
+        encoded in (batched text encoders differ in the last bits), so a resumed run equals an
+        uninterrupted one exactly."""
+        from visalign.samplers import Conditioning
+
+        return Conditioning.cat([super(DPOTrainer, self).encode([p]) for p in prompts])
+
     # ---- offline ------------------------------------------------------------------------------------
     @property
     def cache(self):
