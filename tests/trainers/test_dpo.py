@@ -381,7 +381,7 @@ def test_toy_pairs_are_base_samples_ranked_by_the_gold_verifier(tmp_path):
 
     out = tmp_path / "toy_pairs"
     s = make_pairs(out, samples_per_prompt=3, max_prompts=4, num_steps=4, progress=False)
-    assert s["labels"] == 12 and (out / "summary.json").is_file()
+    assert s["labels"] == 12 and (out / "summary.json").is_file() and s["pairs"] > 0
     rows = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
     assert len(rows) == s["pairs"]
     from PIL import Image
