@@ -413,3 +413,14 @@ def test_latent_cache_reads_back_what_was_written(tmp_path):
     wf, _ = cache.get([1], flip=torch.tensor([True]))
     assert torch.allclose(wf[0], sampler.encode_images(img.flip(-1)[None])[0], atol=2e-3)
     assert isinstance(LatentCache(cache.folder), LatentCache)
+
+
+def test_toy_pairs_cli(tmp_path, capsys):
+    from visalign.cli import main
+
+    assert main(["toy", "pairs", "--out", str(tmp_path / "p"), "--samples-per-prompt", "2", "--max-prompts", "3",
+                 "--steps", "2", "--threads", "1"]) == 0
+    assert "labels by the gold verifier" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p" / "summary.json").read_text())["labels"] == 6
+    assert main(["toy", "pairs", "--out", str(tmp_path / "q"), "--samples-per-prompt", "1"]) == 2
+    assert "samples_per_prompt must be >= 2" in capsys.readouterr().err

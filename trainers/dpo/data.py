@@ -254,9 +254,9 @@ def _hub_source(repo_id: str, split: str) -> PairSource:
     try:
         import datasets
     except ImportError:
-        raise ImportError(f"dpo.pairs: {repo_id!r} looks like a hub dataset id; reading it needs the datasets package "
-                          "(pip install 'visalign[datasets]'), or download it (huggingface-cli download "
-                          f"{repo_id} --repo-type dataset --local-dir DIR) and give DIR") from None
+        raise ImportError(f"dpo.pairs: there is no local file or folder {repo_id!r}; read as a hub dataset id it needs "
+                          "the datasets package (pip install 'visalign[datasets]'), or download it (huggingface-cli "
+                          f"download {repo_id} --repo-type dataset --local-dir DIR) and give DIR") from None
     stats = {"rows": 0, "ties": 0}
 
     def iterate():
