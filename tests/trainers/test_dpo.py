@@ -424,3 +424,23 @@ def test_toy_pairs_cli(tmp_path, capsys):
     assert json.loads((tmp_path / "p" / "summary.json").read_text())["labels"] == 6
     assert main(["toy", "pairs", "--out", str(tmp_path / "q"), "--samples-per-prompt", "1"]) == 2
     assert "samples_per_prompt must be >= 2" in capsys.readouterr().err
+
+
+def test_hub_ids_stream_through_datasets(monkeypatch):
+    """A hub id goes to datasets.load_dataset(id, split=..., streaming=True); its rows are read like
+    the parquet ones (a stand-in module here: tests never touch the network)."""
+    import sys
+    import types
+
+    rng = np.random.default_rng(0)
+    rows = [{"caption": "c0", "jpg_0": png_bytes(rng), "jpg_1": png_bytes(rng), "label_0": 0.5},
+            {"caption": "c1", "jpg_0": {"bytes": png_bytes(rng), "path": None}, "jpg_1": png_bytes(rng), "label_0": 0}]
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda *a, **k: calls.append((a, k)) or iter(rows)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    src = open_pairs("someone/pairs", split="validation")
+    recs = list(src)
+    assert calls == [(("someone/pairs",), {"split": "validation", "streaming": True})]
+    assert [r.prompt for r in recs] == ["c1"] and src.stats == {"rows": 2, "ties": 1}
+    assert recs[0].chosen == rows[1]["jpg_1"] and recs[0].rejected == rows[1]["jpg_0"]["bytes"]
