@@ -89,12 +89,14 @@ def make_pairs(out, model="toy-shapes", *, samples_per_prompt: int = 4, num_step
     return summary
 
 
-def ensure_pairs(folder: str, sampler=None, **options) -> Path:
+def ensure_pairs(folder: str, sampler=None, samples_per_prompt: int = 8, **options) -> Path:
     """The pair folder ``folder``, made with :func:`make_pairs` (``sampler``, or the shipped
-    ``toy-shapes``) when it has no ``summary.json`` yet: the ``toy:DIR`` pair source of DPO."""
+    ``toy-shapes``; 8 samples of every training prompt, 1,464 labels) when it has no
+    ``summary.json`` yet: the ``toy:DIR`` pair source of DPO."""
     path = Path(folder).expanduser()
     if not (path / "summary.json").is_file():
-        summary = make_pairs(path, sampler if sampler is not None else "toy-shapes", **options)
+        summary = make_pairs(path, sampler if sampler is not None else "toy-shapes",
+                             samples_per_prompt=samples_per_prompt, **options)
         print(f"toy pairs: {summary['pairs']} pairs of {summary['prompts']} prompts in {path} "
               f"({summary['labels']} labels by the gold verifier, pass rate {summary['pass_rate']:.2f})")
     return path
