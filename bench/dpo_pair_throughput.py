@@ -17,7 +17,6 @@ Three measurements on one CPU thread:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import tempfile
 import time
