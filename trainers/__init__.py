@@ -8,7 +8,7 @@ accelerate, not the reward models.  Algorithms are registered by name in
 from __future__ import annotations
 
 __all__ = ["Trainer", "OptimConfig", "TrainingStopped", "GRPOConfig", "GRPOTrainer", "NFTConfig", "NFTTrainer",
-           "RewardBackpropConfig", "RewardBackpropTrainer",
+           "RewardBackpropConfig", "RewardBackpropTrainer", "DPOConfig", "DPOTrainer",
            "RunSettings", "LoraSettings", "TrainRecipe", "build_trainer", "load_recipe", "registry"]
 
 _LAZY = {
@@ -21,6 +21,8 @@ _LAZY = {
     "NFTTrainer": ".nft.trainer",
     "RewardBackpropConfig": ".backprop.config",
     "RewardBackpropTrainer": ".backprop.trainer",
+    "DPOConfig": ".dpo.config",
+    "DPOTrainer": ".dpo.trainer",
     "RunSettings": ".common.run",
     "LoraSettings": ".common.lora",
     "TrainRecipe": ".recipe",

@@ -45,8 +45,9 @@ class ModelSection:
 @dataclass
 class DataSection:
     #: prompt source (visalign.prompts): toy:train, a .txt (one prompt per line), a .jsonl or .json
-    #: (prompt [+ task metadata such as GenEval's tag / include]) file
-    train: str = "toy:train"
+    #: (prompt [+ task metadata such as GenEval's tag / include]) file; null for an algorithm that
+    #: trains on a dataset of its own (offline DPO's pairs)
+    train: str | None = "toy:train"
     eval: str | None = "toy:eval"
     #: evaluate on the first N eval prompts (None = all)
     eval_max_prompts: int | None = None
@@ -128,7 +129,7 @@ def build_trainer(recipe: TrainRecipe, accelerator=None):
     rewards = {spec: (_load_reward(spec, recipe.reward_options), w) for spec, w in recipe.rewards.items()}
     eval_rewards = {spec: (rewards[spec][0] if spec in rewards else _load_reward(spec, recipe.reward_options))
                     for spec in recipe.eval_rewards}
-    train = load_prompts(recipe.data.train)
+    train = load_prompts(recipe.data.train) if recipe.data.train else []
     if recipe.data.balance_by:
         train = balance(train, recipe.data.balance_by)
     evals = load_prompts(recipe.data.eval)[: recipe.data.eval_max_prompts] if recipe.data.eval else []

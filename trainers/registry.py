@@ -66,3 +66,5 @@ register("nft", "visalign.trainers.nft.config:NFTConfig", "visalign.trainers.nft
 register("backprop", "visalign.trainers.backprop.config:RewardBackpropConfig",
          "visalign.trainers.backprop.trainer:RewardBackpropTrainer",
          "reward back-propagation: DRaFT-K, DRaFT-LV, AlignProp, ReFL (differentiable rewards, every family)")
+register("dpo", "visalign.trainers.dpo.config:DPOConfig", "visalign.trainers.dpo.trainer:DPOTrainer",
+         "Diffusion-DPO / Flow-DPO: preference pairs offline (Pick-a-Pic, a JSONL folder) or reward-ranked online")

@@ -47,9 +47,14 @@ def test_toy_recipe_runs_one_iteration_on_the_shipped_model(recipe_file, tmp_pat
     """The README's main job as shipped (toy-shapes, the gold verifier, the recipe's own geometry),
     cut to one iteration and a two-prompt evaluation."""
     run = tmp_path / "run"
-    recipe = load_recipe(CONFIGS / recipe_file, [
-        "run.iterations=1", f"run.run_dir={run}", "data.eval_max_prompts=2", "run.eval_num_steps=2",
-        "run.progress=false", "run.save_sample_grid=false"])
+    overrides = ["run.iterations=1", f"run.run_dir={run}", "data.eval_max_prompts=2", "run.eval_num_steps=2",
+                 "run.progress=false", "run.save_sample_grid=false"]
+    if _algorithm(CONFIGS / recipe_file) == "dpo" and load_recipe(CONFIGS / recipe_file).config.mode == "offline":
+        from visalign.toy.pairs import make_pairs  # a small pair folder instead of the recipe's 1,464 labels
+
+        assert make_pairs(tmp_path / "pairs", samples_per_prompt=3, max_prompts=8, num_steps=4, progress=False)["pairs"]
+        overrides.append(f"dpo.pairs={tmp_path / 'pairs'}")
+    recipe = load_recipe(CONFIGS / recipe_file, overrides)
     trainer = build_trainer(recipe)
     assert trainer.sampler.family == "toy"
     summary = trainer.train()

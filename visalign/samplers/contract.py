@@ -390,6 +390,15 @@ class Sampler:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The inverse of :meth:`decode`: images ``(B, 3, H, W)`` (video ``(B, F, 3, H, W)``) in
+        ``[0, 1]`` -> float32 latents in this Sampler's layout, on its device, ready for
+        :meth:`add_noise` (the VAE's scaling / shift factors or latent statistics applied as the
+        family's training scripts do).  VAE families return the posterior mean, or a draw from the
+        posterior with ``generator``; ``toy-shapes`` is exact (space-to-depth of the pixels).
+        What offline preference data (DPO) and supervised fine-tuning train on."""
+        raise NotImplementedError
+
     # ---- properties ------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

@@ -1,4 +1,4 @@
-"""``visalign toy pretrain | eval``: the shapes toy world from the command line.
+"""``visalign toy pretrain | eval | pairs``: the shapes toy world from the command line.
 
 (``train-proxy`` moved to the reward-head kit: ``visalign rewards train shapes-proxy --out DIR``.)"""
 
@@ -37,9 +37,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tp.add_argument("--model", default=None)
     tp.add_argument("--steps", type=int, default=None)
     tp.add_argument("--seed", type=int, default=None)
+    pp = sub.add_parser("pairs", help="preference pairs for offline DPO: base-model samples labelled by the gold verifier")
+    pp.add_argument("--out", required=True, help="output folder (images/, pairs.jsonl, summary.json)")
+    pp.add_argument("--model", default="toy-shapes", help="the model that samples (toy-shapes or a folder)")
+    pp.add_argument("--samples-per-prompt", type=int, default=4, help="samples (labels) per training prompt")
+    pp.add_argument("--steps", type=int, default=10, help="ODE steps (default 10)")
+    pp.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, 3.0)")
+    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--max-prompts", type=int, default=None, help="use the first N training prompts")
+    pp.add_argument("--max-pairs-per-prompt", type=int, default=None,
+                    help="keep the N clearest pairs of each prompt (default: every ordered pair)")
+    pp.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default auto: the cores other processes leave free)")
 
 
 def run(args) -> int:
+    if args.toy_command == "pairs":
+        from visalign.samplers import ModelNotFoundError
+        from visalign.threads import configure_threads
+
+        from .pairs import make_pairs
+
+        try:
+            configure_threads(args.threads)
+            s = make_pairs(args.out, args.model, samples_per_prompt=args.samples_per_prompt, num_steps=args.steps,
+                           guidance_scale=args.guidance, seed=args.seed, max_prompts=args.max_prompts,
+                           max_pairs_per_prompt=args.max_pairs_per_prompt)
+        except (ModelNotFoundError, FileNotFoundError, ValueError) as err:
+            print(f"visalign toy pairs: error: {err}", file=sys.stderr)
+            return 2
+        print(f"{s['pairs']} pairs of {s['prompts_with_pairs']}/{s['prompts']} prompts in {args.out}: {s['labels']} "
+              f"labels by the gold verifier (pass rate {s['pass_rate']:.3f}), {s['seconds']} s")
+        return 0
     if args.toy_command == "pretrain":
         from .pretrain import pretrain
 

@@ -49,3 +49,20 @@ def calculate_shift(image_seq_len: int, config) -> float:
 
 def module_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
+
+
+def from_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Images in ``[0, 1]`` -> VAE input in ``[-1, 1]`` (the training scripts' ``Normalize([0.5], [0.5])``)."""
+    return images.float() * 2 - 1
+
+
+def vae_encode(vae, pixels: torch.Tensor, generator=None) -> torch.Tensor:
+    """The VAE encoder's posterior mean of ``pixels`` (in ``[-1, 1]``), or a draw from the posterior
+    with ``generator``; float32, before any scaling."""
+    if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
+        vae.to(torch.float32)
+    dist = vae.encode(pixels.to(device=vae.device, dtype=module_dtype(vae)), return_dict=False)[0]
+    if generator is None:
+        return dist.mode().float()
+    noise = randn(dist.mean.shape, generator, dist.mean.device, dist.mean.dtype)
+    return (dist.mean + dist.std * noise).float()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..contract import Conditioning, Sampler, Schedule
-from ._common import calculate_shift, flow_schedule, module_dtype, randn, to_unit_range
+from ._common import calculate_shift, flow_schedule, from_unit_range, module_dtype, randn, to_unit_range, vae_encode
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -111,3 +111,9 @@ class FluxSampler(Sampler):
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
         images = vae.decode(latents.to(module_dtype(vae)), return_dict=False)[0]
         return to_unit_range(images.float())
+
+    def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """``(z - shift_factor) * scaling_factor``, the inverse of :meth:`decode`."""
+        z = vae_encode(self.pipeline.vae, from_unit_range(images), generator)
+        cfg = self.pipeline.vae.config
+        return ((z - cfg.shift_factor) * cfg.scaling_factor).to(self.device)

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from ..contract import Conditioning, Sampler, Schedule
-from ._common import module_dtype, randn, to_unit_range
+from ._common import from_unit_range, module_dtype, randn, to_unit_range, vae_encode
 
 
 class SDSampler(Sampler):
@@ -100,6 +100,20 @@ class SDSampler(Sampler):
             latents = latents / cfg.scaling_factor
         images = vae.decode(latents.to(module_dtype(vae)), return_dict=False)[0]
         return to_unit_range(images.float())
+
+    def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """``z * scaling_factor`` (or ``(z - latents_mean) * scaling_factor / latents_std`` when the
+        VAE config has latent statistics), the inverse of :meth:`decode`."""
+        z = vae_encode(self.pipeline.vae, from_unit_range(images), generator)
+        cfg = self.pipeline.vae.config
+        if cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None:
+            c = z.shape[1]
+            mean = torch.tensor(cfg.latents_mean).view(1, c, 1, 1).to(z.device, z.dtype)
+            std = torch.tensor(cfg.latents_std).view(1, c, 1, 1).to(z.device, z.dtype)
+            z = (z - mean) * cfg.scaling_factor / std
+        else:
+            z = z * cfg.scaling_factor
+        return z.to(self.device)
 
 
 class SDXLSampler(SDSampler):

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from ..contract import Conditioning, Sampler, Schedule
-from ._common import flow_schedule, randn, to_unit_range
+from ._common import flow_schedule, from_unit_range, randn, to_unit_range
 
 
 class ToySampler(Sampler):
@@ -73,3 +73,8 @@ class ToySampler(Sampler):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents are space-to-depth pixels: ``pixel_shuffle`` puts them back, ``(B, 3, H, W)``."""
         return to_unit_range(torch.nn.functional.pixel_shuffle(latents.float(), self.patch))
+
+    def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """Pixels in ``[0, 1]`` -> ``pixel_unshuffle`` of ``[-1, 1]`` pixels: exactly the inverse of
+        :meth:`decode` on images in range (``generator`` is unused: there is no posterior)."""
+        return torch.nn.functional.pixel_unshuffle(from_unit_range(images), self.patch).to(self.device)

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..contract import Conditioning, Sampler, Schedule
-from ._common import flow_schedule, module_dtype, randn
+from ._common import flow_schedule, from_unit_range, module_dtype, randn, vae_encode
 
 
 class WanSampler(Sampler):
@@ -94,3 +94,19 @@ class WanSampler(Sampler):
         std = torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1).to(z.device, z.dtype)
         video = vae.decode(z * std + mean, return_dict=False)[0]  # (B, 3, F, H, W)
         return (video.float() / 2 + 0.5).clamp(0, 1).transpose(1, 2)
+
+    def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """Video ``(B, F, 3, H, W)`` in ``[0, 1]`` (``F = 4k + 1``) -> latents ``(B, (F - 1) / 4 + 1, C,
+        h, w)``, ``(z - latents_mean) / latents_std``: the inverse of :meth:`decode`."""
+        if images.ndim != 5:
+            raise ValueError(f"Wan encodes videos (B, F, 3, H, W); got a tensor of shape {tuple(images.shape)}")
+        frames = images.shape[1]
+        if (frames - 1) % self.scale_temporal:
+            raise ValueError(f"Wan encodes {self.scale_temporal}k + 1 frames; got {frames}: trim the videos to "
+                             f"{(frames - 1) // self.scale_temporal * self.scale_temporal + 1} frames")
+        vae = self.pipeline.vae
+        z = vae_encode(vae, from_unit_range(images).transpose(1, 2), generator)  # (B, C, F', h, w)
+        c = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1).to(z.device, z.dtype)
+        std = torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1).to(z.device, z.dtype)
+        return ((z - mean) / std).transpose(1, 2).to(self.device)
