@@ -12,7 +12,7 @@ held-out alarm of the trainer floor watches them.
     python bench/guards_hacking.py run --proxy PROXY --eval EVAL.jsonl --root ROOT none pen1 gkl gklref
     python bench/guards_hacking.py report ROOT/none ROOT/pen1 ... --labels ... --out docs/img/guards_hacking.png
 
-``run`` trains one setting after another (``SETTINGS`` below; 50 iterations, evaluation every 10, one
+``run`` trains one setting after another (:func:`settings` below; 50 iterations, evaluation every 10, one
 sample per evaluation prompt, one torch thread) into ``ROOT/<setting>``.  ``report`` draws the
 proxy's held-out mean and the gold overall strict accuracy (the mean of the six GenEval
 categories) against the iteration, one colour per run, a cross where the held-out alarm rang, and
