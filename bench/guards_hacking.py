@@ -15,7 +15,8 @@ held-out alarm of the trainer floor watches them.
 ``run`` trains one setting after another (:func:`settings` below; 50 iterations, evaluation every 10, one
 sample per evaluation prompt, one torch thread) into ``ROOT/<setting>``.  ``report`` draws the
 proxy's held-out mean and the gold overall strict accuracy (the mean of the six GenEval
-categories) against the iteration, one colour per run, a cross where the held-out alarm rang, and
+categories) and the held-out artifact detector against the iteration, one colour per run, a cross
+where the held-out alarm rang (gold or the artifact detector below its peak while the proxy rose), and
 prints per run: the best gold point, the final gold, the proxy's gain, where hacking starts (the
 first evaluation after which the proxy stays at or above its value there and ends more than 0.01
 above it while gold stays more than 1 point below its best so far) and the wall time (first to last
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -79,8 +79,8 @@ def read_run(run: str) -> dict:
 
     d = Path(run)
     evals = [json.loads(x) for x in (d / "eval.jsonl").read_text().splitlines() if x.strip()]
-    keys = evals[0].keys()
-    proxy_key = next(k for k in keys if re.fullmatch(r"eval/shapes-proxy(:[^/]*)?", k))
+    specs = json.loads((d / "config.json").read_text())["eval_rewards"]  # a spec's path may hold "/"
+    proxy_key = "eval/" + next(s for s in specs if s == "shapes-proxy" or s.startswith("shapes-proxy:"))
     files = [p for p in d.rglob("*") if p.is_file()]
     wall = max(p.stat().st_mtime for p in files) - (d / "config.json").stat().st_mtime
     return {
@@ -120,21 +120,24 @@ def report(args) -> None:
     import matplotlib.pyplot as plt
 
     data = {label: read_run(run) for label, run in zip(args.labels, args.runs)}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
     for label, r in data.items():
         line, = ax1.plot(r["iteration"], r["proxy"], marker="o", ms=3, label=label)
         ax2.plot(r["iteration"], [100 * g for g in r["gold"]], marker="o", ms=3, color=line.get_color(), label=label)
+        ax3.plot(r["iteration"], r["artifact"], marker="o", ms=3, color=line.get_color(), label=label)
         rang = [j for j, a in enumerate(r["alarm"]) if a]
         if rang:
             ax2.scatter([r["iteration"][j] for j in rang], [100 * r["gold"][j] for j in rang], marker="x", s=70,
                         color=line.get_color(), zorder=5)
+            ax3.scatter([r["iteration"][j] for j in rang], [r["artifact"][j] for j in rang], marker="x", s=70,
+                        color=line.get_color(), zorder=5)
     base = 100 * next(iter(data.values()))["gold"][0]
     ax2.axhline(base, color="grey", lw=0.8, ls="--", label="base")
-    ax2.axhspan(base - 2, base, color="grey", alpha=0.08)
     ax2.scatter([], [], marker="x", color="k", label="held-out alarm rang")
     ax1.set(title="proxy (4-member shapes-proxy, trained on): held-out mean", xlabel="iteration",
             ylabel="P(strict pass) predicted")
     ax2.set(title="gold (shapes verifier): overall strict accuracy", xlabel="iteration", ylabel="GenEval overall (%)")
+    ax3.set(title="held out: shapes-artifact P(clean)", xlabel="iteration", ylabel="mean P(clean)")
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
     if args.title:
