@@ -18,9 +18,9 @@ proxy's held-out mean and the gold overall strict accuracy (the mean of the six 
 categories) and the held-out artifact detector against the iteration, one colour per run, a cross
 where the held-out alarm rang (gold or the artifact detector below its peak while the proxy rose), and
 prints per run: the best gold point, the final gold, the proxy's gain, where hacking starts (the
-first evaluation after which the proxy stays at or above its value there and ends more than 0.01
-above it while gold stays more than 1 point below its best so far) and the wall time (first to last
-file of the run folder: training and evaluations).
+best gold point, when the run ends more than 1 point below it in gold with the proxy more than 0.01
+above its value there) and the wall time (first to last file of the run folder: training and
+evaluations).
 """
 
 from __future__ import annotations
@@ -94,12 +94,12 @@ def read_run(run: str) -> dict:
 
 
 def hacking_start(it, gold, proxy, tol: float = 0.01):
-    """First evaluation after which the proxy stays at or above its value there and ends more than
-    ``tol`` above it, while gold stays more than ``tol`` below its best so far (None: never)."""
-    for j in range(1, len(gold)):
-        if (all(proxy[k] >= proxy[j - 1] for k in range(j, len(gold))) and proxy[-1] - proxy[j - 1] > tol
-                and all(max(gold[:j]) - gold[k] > tol for k in range(j, len(gold)))):
-            return it[j - 1]
+    """The best gold point's iteration when the run ends more than ``tol`` below it in gold with the
+    proxy more than ``tol`` above its value there: from there on the proxy gains while gold loses
+    (None: the run does not end that way)."""
+    best = max(range(len(gold)), key=lambda j: gold[j])
+    if gold[best] - gold[-1] > tol and proxy[-1] - proxy[best] > tol:
+        return it[best]
     return None
 
 
