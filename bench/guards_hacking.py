@@ -83,7 +83,9 @@ def read_run(run: str) -> dict:
     proxy_key = "eval/" + next(s for s in specs if s == "shapes-proxy" or s.startswith("shapes-proxy:"))
     files = [p for p in d.rglob("*") if p.is_file()]
     wall = max(p.stat().st_mtime for p in files) - (d / "config.json").stat().st_mtime
+    metrics = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return {
+        "train_seconds": sum(m.get("time/iteration", 0.0) for m in metrics),
         "iteration": [e["iteration"] for e in evals],
         "gold": [sum(e[f"eval/shapes/strict/{t}"] for t in TAGS) / len(TAGS) for e in evals],
         "proxy": [e[proxy_key] for e in evals],
@@ -110,7 +112,8 @@ def summary(r: dict) -> dict:
             "final_below_best": gold[best] - gold[-1], "base_proxy": proxy[0], "final_proxy": proxy[-1],
             "proxy_gain": proxy[-1] - proxy[0], "max_proxy_gain": max(proxy) - proxy[0],
             "hacking_from": hacking_start(it, gold, proxy), "alarms": [i for i, a in zip(it, r["alarm"]) if a],
-            "artifact_final_minus_base": r["artifact"][-1] - r["artifact"][0], "wall_minutes": r["wall_seconds"] / 60}
+            "artifact_final_minus_base": r["artifact"][-1] - r["artifact"][0], "wall_minutes": r["wall_seconds"] / 60,
+            "train_minutes": r["train_seconds"] / 60}
 
 
 def report(args) -> None:
