@@ -49,6 +49,7 @@ def settings(proxy: str) -> dict[str, tuple[str, list[str]]]:
         "pen3": (pen(3), []),
         "kl": (plain, ["backprop.kl_beta=0.1"]),
         "gkl": (plain, gated),
+        "klref": (plain, ["backprop.kl_beta=0.1", "guards.reference_refresh_every=10"]),
         "gklref": (plain, [*gated, "guards.reference_refresh_every=10"]),
     }
 
