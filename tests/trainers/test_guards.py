@@ -110,3 +110,73 @@ def test_alarm_reaches_the_eval_rows(make_trainer, tmp_path):
     tr.run.eval_num_steps = 2
     row = tr.evaluate()
     assert row["alarm/hacking"] == 0.0 and "alarm/held/below_peak" in row
+
+
+def test_gated_velocity_anchor_in_nft_is_zero_for_low_uncertainty_samples(make_trainer):
+    """DiffusionNFT with guards.kl_gate_quantile: the velocity anchor kl_beta |v - v_ref|^2 of a sample
+    below the uncertainty quantile is 0 and its loss is the bare NFT loss; the others keep both."""
+    tr = make_trainer(algorithm="nft", reward=UncertainBrightness(), kl_beta=0.5, learning_rate=5e-2)
+    tr.step()  # move away from the reference so the anchor is not zero
+    tr.guards = GuardSettings(kl_gate_quantile=0.5)
+    batch = tr.collect_groups(1)
+    w = batch.kl_weight
+    assert w is not None and 0 < float(w.sum()) < len(w)
+    rows = torch.arange(len(w))
+    draws = tr._draws(batch.traj, rows, torch.Generator().manual_seed(3), True)
+    adv = torch.zeros(len(w))
+    t = draws["steps"][0]
+    plain, p_stats = tr._loss(batch.traj, 0, t, adv, draws, rows)
+    gated, g_stats = tr._loss(batch.traj, 0, t, adv, draws, rows, w)
+    assert float(p_stats["kl"].min()) > 0
+    assert torch.equal(g_stats["kl"][w == 0], torch.zeros(int((w == 0).sum())))
+    assert torch.allclose(g_stats["kl"][w == 1], p_stats["kl"][w == 1])
+    # loss_i = nft_i + kl_beta * g_i * kl_i
+    expected = p_stats["nft_loss"] + 0.5 * w * p_stats["kl"]
+    assert torch.allclose(gated.detach(), expected, rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(gated.detach(), plain.detach())
+    row = tr.step()
+    assert 0 < row["kl/gated_fraction"] < 1
+
+
+def test_gated_anchor_in_reward_backprop_is_zero_for_low_uncertainty_samples(tiny_model_dir, tmp_path):
+    """Reward back-propagation (DRaFT-1) with guards.kl_gate_quantile: the micro-batch loss is
+    mean_i(-r_i + kl_beta * g_i * |pred_i - pred_ref_i|^2) with g_i = 1[u_i >= quantile_q(u)]; the
+    anchor of the confident sample is 0 and its gradient loses the anchor's part."""
+    import visalign.samplers as vs
+    from visalign.trainers import LoraSettings, RunSettings, registry
+    from visalign.trainers.common.lora import add_lora
+
+    sampler = vs.load(str(tiny_model_dir("sd3")), max_sequence_length=8)
+    torch.manual_seed(0)
+    trainable = add_lora(sampler, LoraSettings(rank=4, alpha=4))
+    with torch.no_grad():  # a non-zero LoRA B so the anchor is not 0
+        for p in trainable:
+            p.add_(0.05 * torch.randn_like(p))
+    algo = registry.get("backprop")
+    cfg = algo.config_class(method="draft", grad_steps=1, num_steps=3, guidance_scale=2.0, batch_size=2,
+                            kl_beta=0.7, ema_decay=0.0, checkpoint=False, checkpoint_decode=False)
+    prompts = [{"prompt": p, "metadata": None} for p in ["a red cube", "a blue ball"]]
+    run = RunSettings(run_dir=str(tmp_path / "run"), iterations=2, eval_every=0, progress=False,
+                      save_sample_grid=False)
+    tr = algo.trainer_class(sampler, {"u": (UncertainBrightness(), 1.0)}, cfg, train_prompts=prompts, run=run,
+                            trainable=trainable, size={"height": 32, "width": 32})
+
+    def loss_of(seed=4):
+        tr.optimizer.zero_grad(set_to_none=True)
+        loss, stats = tr.micro_batch(list(prompts), torch.Generator().manual_seed(seed))
+        loss.backward()
+        g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().clone() for p in tr.params])
+        return loss.detach(), stats, g
+
+    plain, p_stats, g_plain = loss_of()
+    tr.guards = GuardSettings(kl_gate_quantile=0.5)
+    gated, g_stats, g_gated = loss_of()
+    w = g_stats["kl_gate"]
+    assert w.tolist() in ([0.0, 1.0], [1.0, 0.0])  # two samples, median gate: only the more uncertain one
+    assert float(p_stats["kl"].min()) > 0
+    assert torch.equal(g_stats["kl"][w == 0], torch.zeros(1))
+    assert torch.allclose(g_stats["kl"][w == 1], p_stats["kl"][w == 1])
+    r = p_stats["scores"]
+    assert torch.allclose(plain, (-r + 0.7 * p_stats["kl"]).mean(), rtol=1e-5)
+    assert torch.allclose(gated, (-r + 0.7 * w * p_stats["kl"]).mean(), rtol=1e-5)
+    assert not torch.allclose(g_plain, g_gated)

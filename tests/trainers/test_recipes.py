@@ -42,6 +42,34 @@ def test_every_grpo_recipe_is_covered():
     assert found - set(TOY_RECIPES) == set(RECIPES)
 
 
+def _tiny_proxy_ensemble_for(recipe, tmp_path) -> list[str]:
+    """A recipe that trains on a shapes-proxy ensemble the user trains first (``path=`` of a folder
+    that is not there): a 4-member ensemble trained for a few steps on renderer images (seconds)
+    takes its place, so the guards see a real uncertainty; ``[]`` when every path exists."""
+    specs = [*recipe.rewards, *recipe.eval_rewards]
+    missing = {o["path"] for s in specs for n, o in [parse_spec(s)] if "path" in o and not Path(o["path"]).exists()}
+    if not missing:
+        return []
+    for s in specs:
+        name, opts = parse_spec(s)
+        assert opts.get("path") not in missing or "shapes-proxy" in (name, opts.get("reward")), (
+            f"{s}: only a missing shapes-proxy folder is trained here")
+    from visalign.rewards.head_train import load_train_config, train
+
+    out = tmp_path / "proxy_ensemble"
+    cfg = load_train_config("shapes-proxy", ["optim.steps=5", "optim.batch=16", "data.options.model=null",
+                                             "data.options.renderer=64", "data.options.renderer_eval=32"])
+    train(cfg, out=out, log=lambda *a, **k: None)
+
+    def sub(spec: str) -> str:
+        for m in missing:
+            spec = spec.replace(f"path={m}", f"path={out}")
+        return spec
+
+    return [f"rewards={json.dumps({sub(k): v for k, v in recipe.rewards.items()})}",
+            f"eval_rewards={json.dumps([sub(s) for s in recipe.eval_rewards])}"]
+
+
 @pytest.mark.parametrize("recipe_file", TOY_RECIPES)
 def test_toy_recipe_runs_one_iteration_on_the_shipped_model(recipe_file, tmp_path):
     """The README's main job as shipped (toy-shapes, the gold verifier, the recipe's own geometry),
@@ -54,6 +82,7 @@ def test_toy_recipe_runs_one_iteration_on_the_shipped_model(recipe_file, tmp_pat
 
         assert make_pairs(tmp_path / "pairs", samples_per_prompt=3, max_prompts=8, num_steps=4, progress=False)["pairs"]
         overrides.append(f"dpo.pairs={tmp_path / 'pairs'}")
+    overrides += _tiny_proxy_ensemble_for(load_recipe(CONFIGS / recipe_file), tmp_path)
     recipe = load_recipe(CONFIGS / recipe_file, overrides)
     trainer = build_trainer(recipe)
     assert trainer.sampler.family == "toy"
@@ -62,6 +91,8 @@ def test_toy_recipe_runs_one_iteration_on_the_shipped_model(recipe_file, tmp_pat
     assert len(rows) == 1 and rows[0]["reward/valid_fraction"] == 1.0
     assert 0 < rows[0]["reward/mean"] <= 1 and rows[0]["optimizer_steps"] >= 1
     assert summary["final"] and (run / "final" / "pytorch_lora_weights.safetensors").is_file()
+    if recipe.guards.kl_gate_quantile is not None:  # the gate sees the ensemble's spread: part of the batch is free
+        assert 0 < rows[0]["kl/gated_fraction"] < 1
 
 
 @pytest.fixture(scope="module")
