@@ -202,8 +202,16 @@ class _Items:
         return self.index[key]
 
 
-def read_dataset(path: str | os.PathLike, task: str) -> LabelledSet:
-    """Read a JSONL (or, for ``pairwise``, a Pick-a-Pic-style parquet) file for ``task``."""
+def read_dataset(path: str | os.PathLike, task: str, max_rows: int | None = None) -> LabelledSet:
+    """Read a JSONL (or, for ``pairwise``, a Pick-a-Pic-style parquet) file for ``task``, or, for
+    ``pairwise``, a hub dataset ``hub:OWNER/NAME[:SPLIT]`` with Pick-a-Pic v2's columns (streamed
+    through the ``datasets`` package; ``max_rows``: the first N rows)."""
+    if str(path).startswith("hub:"):
+        if task != "pairwise":
+            raise ValueError(f"{path}: hub datasets are read as Pick-a-Pic-style pairs, for task 'pairwise' "
+                             f"(got {task!r}); for {task} labels give a JSONL file")
+        repo, _, split = str(path)[4:].partition(":")
+        return _read_hub_pairs(repo, split or "train", max_rows)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} not found")
@@ -254,15 +262,46 @@ def _read_pickapic(path: Path) -> LabelledSet:
     if missing:
         raise ValueError(f"{path}: a Pick-a-Pic-style parquet needs columns {list(need)}; missing {missing} "
                          f"(has {sorted(table)})")
+    rows = ({"caption": c, "jpg_0": a, "jpg_1": b, "label_0": l0}
+            for c, a, b, l0 in zip(table["caption"], table["jpg_0"], table["jpg_1"], table["label_0"]))
+    return _pickapic_rows(rows, str(path))
+
+
+def _pickapic_rows(rows, where: str, max_rows: int | None = None) -> LabelledSet:
+    """Pick-a-Pic v2 rows (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``) -> a pairwise set whose label
+    is P(image 0 preferred): ``label_0`` is 1 when image 0 won, 0 when image 1 won, 0.5 for a tie (kept:
+    the Bradley-Terry loss takes soft labels)."""
     blobs: list[bytes] = []
     prompts: list[str | None] = []
     pairs, labels = [], []
-    for cap, a, b, l0 in zip(table["caption"], table["jpg_0"], table["jpg_1"], table["label_0"]):
+    for n, row in enumerate(rows):
+        if max_rows is not None and n >= max_rows:
+            break
+        missing = [k for k in ("caption", "jpg_0", "jpg_1", "label_0") if k not in row]
+        if missing:
+            raise ValueError(f"{where}: row {n} lacks column(s) {missing}; preference pairs need Pick-a-Pic v2's "
+                             "columns caption, jpg_0, jpg_1, label_0")
+        a, b = (v.get("bytes") if isinstance(v, dict) else v for v in (row["jpg_0"], row["jpg_1"]))
         blobs += [a, b]
-        prompts += [cap, cap]
+        prompts += [row["caption"], row["caption"]]
         pairs.append((len(blobs) - 2, len(blobs) - 1))
-        labels.append(float(l0))  # Pick-a-Pic: label_0 = 1 if image 0 won, 0.5 for a tie
+        labels.append(float(row["label_0"]))
+    if not pairs:
+        raise ValueError(f"{where}: no preference pairs read")
     return LabelledSet(blobs, prompts, None, torch.tensor(pairs, dtype=torch.long), torch.tensor(labels))
+
+
+def _read_hub_pairs(repo: str, split: str, max_rows: int | None) -> LabelledSet:
+    """Stream a hub dataset with Pick-a-Pic v2's columns (e.g. ``yuvalkirstain/pickapic_v2``; the
+    datasets ``Image`` feature's ``{bytes, path}`` dicts are read as their bytes)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"data.train hub:{repo}: reading a hub dataset needs the datasets package "
+                          "(pip install 'visalign[datasets]'), or download it (huggingface-cli download "
+                          f"{repo} --repo-type dataset --local-dir DIR) and give a parquet file of DIR") from None
+    ds = datasets.load_dataset(repo, split=split, streaming=True)
+    return _pickapic_rows(iter(ds), f"hub:{repo}[{split}]", max_rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,11 +65,14 @@ class DataConfig:
         val_fraction (`float`): share of units held out when ``val`` is not given.
         provider (`str`, *optional*): a name of :data:`PROVIDERS` instead of files.
         options (`dict`): the provider's keyword arguments.
+        max_rows (`int`, *optional*): read only the first N rows of each file (a hub dataset
+            ``hub:OWNER/NAME[:SPLIT]`` is streamed, so this bounds what is downloaded).
     """
 
     train: str | None = None
     val: str | None = None
     val_fraction: float = 0.1
+    max_rows: int | None = None
     provider: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -205,7 +208,7 @@ def load_train_config(path: str | os.PathLike | None, overrides=()) -> RewardTra
     data = raw.get("data")
     if isinstance(data, dict):
         for key in ("train", "val"):
-            if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
+            if isinstance(data.get(key), str) and not os.path.isabs(data[key]) and not data[key].startswith("hub:"):
                 data[key] = str(base / data[key])
     return from_dict(RewardTrainConfig, raw)
 
@@ -226,9 +229,9 @@ def load_data(cfg: RewardTrainConfig, log: Callable[[str], None]) -> tuple[Label
         fn = getattr(importlib.import_module(module_name), attr)
         got = fn(seed=cfg.optim.seed, log=log, **d.options)
         return _from_provider(got["train"]), _from_provider(got["val"]), got
-    full = read_dataset(d.train, cfg.task)
+    full = read_dataset(d.train, cfg.task, d.max_rows)
     if d.val is not None:
-        return full, read_dataset(d.val, cfg.task), {}
+        return full, read_dataset(d.val, cfg.task, d.max_rows), {}
     g = torch.Generator().manual_seed(cfg.optim.seed)
     perm = torch.randperm(full.units, generator=g)
     n_val = max(1, int(round(full.units * d.val_fraction)))

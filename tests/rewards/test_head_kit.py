@@ -301,6 +301,37 @@ def test_data_formats(tmp_path):
     assert len(d) == 4 and d.pairs.tolist() == [[0, 1], [2, 3]] and d.pair_labels.tolist() == [1.0, 0.5]
 
 
+def test_hub_pairs_stream_through_datasets(tmp_path, monkeypatch):
+    """``hub:OWNER/NAME[:SPLIT]`` streams Pick-a-Pic rows through datasets.load_dataset (a stand-in
+    module: tests never touch the network); ``max_rows`` stops early; the Image feature's dicts
+    are read as their bytes; a recipe's hub id is not made relative to the recipe's folder."""
+    import sys
+    import types
+
+    from PIL import Image
+
+    blobs = []
+    for colour in ((255, 0, 0), (0, 0, 255)):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "x.png")
+        blobs.append((tmp_path / "x.png").read_bytes())
+    rows = [{"caption": "c0", "jpg_0": {"bytes": blobs[0], "path": None}, "jpg_1": blobs[1], "label_0": 0.0},
+            {"caption": "c1", "jpg_0": blobs[1], "jpg_1": blobs[0], "label_0": 0.5},
+            {"caption": "c2", "jpg_0": blobs[0], "jpg_1": blobs[1], "label_0": 1.0}]
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda *a, **k: calls.append((a, k)) or iter(rows)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    d = read_dataset("hub:someone/pairs:validation", "pairwise", max_rows=2)
+    assert calls == [(("someone/pairs",), {"split": "validation", "streaming": True})]
+    assert d.prompts == ["c0", "c0", "c1", "c1"] and d.pair_labels.tolist() == [0.0, 0.5]
+    assert d.images[0] == blobs[0] and d.images[1] == blobs[1]
+    with pytest.raises(ValueError, match="for task 'pairwise'"):
+        read_dataset("hub:someone/pairs", "binary")
+    (tmp_path / "r.yaml").write_text("task: pairwise\nbackbone: {kind: cnn}\ndata: {train: 'hub:someone/pairs'}\n")
+    cfg = T.load_train_config(tmp_path / "r.yaml")
+    assert cfg.data.train == "hub:someone/pairs"
+
+
 def test_bootstrap_weights_are_multiplicities():
     """Each member's unit weights count the draws of a resample of size U: they sum to U and
     differ between members; without bootstrap every weight is 1."""
