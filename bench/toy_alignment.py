@@ -411,7 +411,11 @@ def table(results: dict[str, dict]) -> tuple[str, list[dict]]:
             its, samples, labels, best_s = "-", r["samples"], r["labels"], "-"
         else:
             wall, its, samples, labels, best_s = "-", "-", "-", "-", "-"
-        recipe = r.get("recipe") or ("`python -m visalign.toy.pretrain` (see JSON)" if r["kind"] == "oracle" else "-")
+        recipe = r.get("recipe") or "-"
+        if r["kind"] == "oracle":
+            o = r.get("settings", ORACLE)
+            recipe = (f"`python -m visalign.toy.pretrain --init {r.get('model')} --max-minutes B` (full, lr {o['lr']:g}, "
+                      f"EMA {o['ema_decay']:g}, batch {o['batch']})")
         if r.get("lora_from"):
             recipe = f"{recipe} on the `{r['lora_from']}` LoRA"
         if r.get("overrides"):
