@@ -212,6 +212,8 @@ def run_train_row(row: Row, args, judge: Judge, rdir: Path, base_point: dict) ->
     setup_file = rdir / "setup.json"
     t0 = time.perf_counter()
     trainer = build_trainer(recipe)
+    if offline:
+        trainer.cache  # noqa: B018 -- the pairs and their latent cache are built on first use: here, as setup
     if offline and not (rdir / "pairs" / "summary.json").is_file():
         raise RuntimeError(f"row {row.name}: building the offline-DPO trainer made no pairs in {rdir / 'pairs'}")
     if not setup_file.is_file():
