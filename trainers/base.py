@@ -179,6 +179,8 @@ class Trainer(abc.ABC):
         self.trained_reward_names: list[str] = []
         self.alarm: HackingAlarm | None = None
         self.reference_refreshes = 0
+        #: wall-clock seconds spent in iterations (resumed runs included): the clock of run.max_minutes
+        self.train_seconds = 0.0
 
     #: whether the algorithm trains on rewards (a recipe must then name at least one)
     needs_rewards: bool = False
@@ -303,6 +305,8 @@ class Trainer(abc.ABC):
             row["reference/refreshes"] = self.reference_refreshes
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         row["time/iteration"] = time.perf_counter() - t0
+        self.train_seconds += row["time/iteration"]
+        row["time/train_total"] = self.train_seconds
         self.iteration += 1
         self.metrics.log(row)
         return row
@@ -380,6 +384,7 @@ class Trainer(abc.ABC):
             "reference_refreshes": self.reference_refreshes,
             "reference": self.sampler.reference_state() if self.reference_refreshes else None,
             "alarm": self.alarm.state_dict() if self.alarm is not None else None,
+            "train_seconds": self.train_seconds,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -395,6 +400,7 @@ class Trainer(abc.ABC):
         self.iteration = int(state["iteration"])
         torch.set_rng_state(state["torch_rng"])
         self.reference_refreshes = int(state.get("reference_refreshes", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         if state.get("reference") is not None:
             self.sampler.load_reference_state(state["reference"])
         if state.get("alarm") is not None:
@@ -453,6 +459,11 @@ class Trainer(abc.ABC):
             return out
 
     # ---- the run loop ------------------------------------------------------------------------------
+    @property
+    def out_of_time(self) -> bool:
+        """Whether ``run.max_minutes`` is set and the iterations so far have used it up."""
+        return self.run.max_minutes is not None and self.train_seconds >= 60.0 * self.run.max_minutes
+
     def plot_keys(self, last: dict, final_eval: dict) -> tuple[list[str], list[str]]:
         """Training and evaluation metrics drawn in ``metrics.png``."""
         keys = [k for k in last if k.startswith("reward/") and k.endswith("/mean")]
@@ -460,10 +471,12 @@ class Trainer(abc.ABC):
         return train or ["loss"], [k for k in final_eval if k.startswith("eval/") and k.count("/") == 1]
 
     def train(self, iterations: int | None = None) -> dict:
-        """Run to ``iterations`` (default ``run.iterations``): evaluates at the start, every
-        ``run.eval_every`` iterations and at the end; checkpoints every ``run.checkpoint_every``;
-        writes ``final/``, ``eval.json`` and ``metrics.png``.  Returns ``{"initial", "final",
-        "iterations"}``."""
+        """Run to ``iterations`` (default ``run.iterations``), or until the iterations have taken
+        ``run.max_minutes`` of wall-clock time (:attr:`out_of_time`; checked after each iteration, so
+        the last one may run past the budget): evaluates at the start, every ``run.eval_every``
+        iterations and at the end; checkpoints every ``run.checkpoint_every``; writes ``final/``,
+        ``eval.json`` and ``metrics.png``.  May be called again (with a larger budget or more
+        iterations) to continue.  Returns ``{"initial", "final", "iterations"}``."""
         from tqdm.auto import tqdm
 
         total = self.run.iterations if iterations is None else iterations
@@ -478,12 +491,13 @@ class Trainer(abc.ABC):
         bar = tqdm(total=total, initial=self.iteration, desc=self.algorithm or "train",
                    disable=not (self.run.progress and self.acc.is_main_process))
         last: dict = {}
-        while self.iteration < total:
+        while self.iteration < total and not self.out_of_time:
             last = self.step()
             bar.update(1)
             bar.set_postfix({k.split("/")[-2] if k.endswith("/mean") else k: f"{last[k]:.3g}"
                              for k in self.progress_keys if isinstance(last.get(k), (int, float))})
-            if self.run.eval_every and self.iteration % self.run.eval_every == 0 and self.iteration < total:
+            if (self.run.eval_every and self.iteration % self.run.eval_every == 0 and self.iteration < total
+                    and not self.out_of_time):
                 self.evaluate()
             if self.run.checkpoint_every and self.iteration % self.run.checkpoint_every == 0:
                 self.save_checkpoint()

@@ -101,3 +101,27 @@ def test_pretrain_from_init_starts_at_those_weights(tmp_path):
         assert torch.equal(st["unet"][name], t), name
     logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert logs[0]["caption_noise"] == 0.3 and logs[0]["init"] == str(tmp_path / "start")
+
+
+def test_pretrain_max_minutes_stops_on_the_wall_clock_and_continues(tmp_path):
+    """A wall-clock budget stops after the step that uses it (with a checkpoint and ``final/``), is
+    kept in the checkpoint, and a second call with no budget continues to ``steps``; the toy alignment
+    bench's oracle row runs this way from the shipped model (``init="toy-shapes"``)."""
+    from visalign.toy.pretrain import pretrain
+
+    kw = dict(batch=2, log_every=1, ckpt_every=100, eval_every=0, threads=None, warmup=1)
+    with pytest.raises(ValueError, match="max_minutes"):
+        pretrain(tmp_path / "bad", steps=1, max_minutes=0, **kw)
+    pretrain(tmp_path / "run", steps=50, max_minutes=1e-9, init="toy-shapes", **kw)
+    st = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert int(st["step"]) == 1 and float(st["train_seconds"]) > 0  # saved although 1 % ckpt_every != 0
+    assert (tmp_path / "run" / "final" / "model_index.json").is_file()
+    pretrain(tmp_path / "run", steps=50, max_minutes=1e-9, **kw)  # the budget is spent: no step
+    assert int(torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"]) == 1
+    pretrain(tmp_path / "run", steps=2, **kw)
+    st2 = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert int(st2["step"]) == 2 and float(st2["train_seconds"]) > float(st["train_seconds"])
+    shipped = M.load(__import__("visalign.assets", fromlist=["asset_path"]).asset_path("toy-shapes"))
+    name, w = next(iter(shipped.unet.state_dict().items()))
+    assert not torch.allclose(M.build(seed=0).unet.state_dict()[name], w, atol=0.05)
+    assert torch.allclose(st["unet"][name], w, atol=0.05)  # one small step from the shipped weights

@@ -37,6 +37,8 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
+        if self._writer is None:  # closed by a finished Trainer.train(); a second train() continues the file
+            self._writer = JsonlAppender(self.path)
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         self._writer.write([clean])
         if self.accelerator is not None and getattr(self.accelerator, "trackers", None):
@@ -57,6 +59,7 @@ class MetricsLog:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
 
 
 def plot_metrics(run_dir: str | Path, keys: Sequence[str], eval_keys: Sequence[str], out: str | Path) -> Path | None:

@@ -39,6 +39,9 @@ class RunSettings:
     #: the start: beside a busy process more threads run up to 2x slower, docs/benchmarks.md) and
     #: torch's own setting when the trainer is built from Python; `--threads N` sets it
     threads: int | None = None
+    #: wall-clock budget: stop once the iterations of this run (resumed runs included; evaluations
+    #: and checkpoints not counted) have taken this many minutes; null = no budget, only `iterations`
+    max_minutes: float | None = None
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -51,3 +54,5 @@ class RunSettings:
             raise ValueError("run.eval_samples_per_prompt must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"run.threads must be >= 1 or null (auto), got {self.threads}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"run.max_minutes must be > 0 or null (no wall-clock budget), got {self.max_minutes}")

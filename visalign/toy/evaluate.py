@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["evaluate_model", "format_report", "pass_at_k"]
+__all__ = ["evaluate_model", "evaluate_sampler", "format_report", "pass_at_k"]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -43,14 +43,9 @@ def evaluate_model(model: str = "toy-shapes", *, lora: str | None = None, sample
     Sampling goes through the library's collect step; sample ``k`` of prompt ``j`` uses seed
     ``seed + j * samples_per_prompt + k``.  Returns the summary that ``visalign toy eval`` prints.
     """
-    import contextlib
-
-    import numpy as np
-
     import visalign.samplers as vs
 
-    from .prompts import TAGS, overall, split
-    from .verify import verify
+    from .prompts import split
 
     for k in pass_at:
         if not 1 <= k <= samples_per_prompt:
@@ -61,7 +56,32 @@ def evaluate_model(model: str = "toy-shapes", *, lora: str | None = None, sample
         from visalign.samplers.lora import load_lora
 
         load_lora(sampler, lora)
-    metas = split("eval")[:max_prompts]
+    result = evaluate_sampler(sampler, split("eval")[:max_prompts], samples_per_prompt=samples_per_prompt,
+                              num_steps=num_steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
+                              bf16=bf16, progress=progress, pass_at=pass_at)
+    return {"model": model, "lora": lora, **result}
+
+
+def evaluate_sampler(sampler, metas: list[dict], *, samples_per_prompt: int = 4, num_steps: int = 10,
+                     guidance_scale: float | None = None, seed: int = 0, batch_size: int = 200, bf16: bool = False,
+                     progress: bool = True, pass_at: tuple[int, ...] = (), on_batch=None) -> dict:
+    """:func:`evaluate_model` on a loaded sampler (its live weights, LoRA included) and the prompt
+    records ``metas`` (eval-split metadata; ``split("eval")`` is what ``visalign toy eval`` uses).
+
+    ``on_batch(images, metadata)``, when given, also sees every batch of samples (to score them with
+    another reward); no images are kept otherwise.
+    """
+    import contextlib
+
+    import numpy as np
+
+    import visalign.samplers as vs
+
+    from .prompts import TAGS, overall
+    from .verify import verify
+
+    if not metas:
+        raise ValueError("evaluate_sampler: no prompts to evaluate")
     guidance = sampler.default_guidance if guidance_scale is None else guidance_scale
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     t0 = time.perf_counter()
@@ -69,6 +89,8 @@ def evaluate_model(model: str = "toy-shapes", *, lora: str | None = None, sample
 
     def judge(start, batch):  # the gold verifier on each batch as it comes; no images are kept
         verdicts.extend(verify(batch.images, metadata=batch.metadata))
+        if on_batch is not None:
+            on_batch(batch.images, batch.metadata)
 
     jobs = [m for m in metas for _ in range(samples_per_prompt)]
     vs.collect(sampler, [m["prompt"] for m in jobs], metadata=jobs, num_steps=num_steps, guidance_scale=guidance,
@@ -87,8 +109,6 @@ def evaluate_model(model: str = "toy-shapes", *, lora: str | None = None, sample
         cats = {t: sum(by_tag[t]) / len(by_tag[t]) for t in TAGS if t in by_tag}
         pass_k[str(k)] = {"overall": overall(cats), "per_category": cats}
     return {
-        "model": model,
-        "lora": lora,
         "overall_strict": overall(per_category),
         "strict_all_samples": float(strict.mean()),
         "partial": partial,

@@ -89,7 +89,7 @@ def evaluate(model: M.ToyShapes, per_category: int = 16, seed: int = 1234, num_s
     }
 
 
-def _state(model, ema, opt, step):
+def _state(model, ema, opt, step, train_seconds=0.0):
     return {
         "unet": model.unet.state_dict(),
         "text_encoder": model.text_encoder.state_dict(),
@@ -97,6 +97,7 @@ def _state(model, ema, opt, step):
         "ema_text_encoder": ema.text_encoder.state_dict(),
         "opt": opt.state_dict(),
         "step": torch.tensor(step),
+        "train_seconds": torch.tensor(train_seconds, dtype=torch.float64),
     }
 
 
@@ -119,6 +120,7 @@ def pretrain(
     bf16: bool = False,
     caption_noise: float = 0.0,
     init: str | os.PathLike | None = None,
+    max_minutes: float | None = None,
 ) -> Path:
     """Pretrain (or resume) the toy-shapes model in ``out_dir``; returns ``out_dir / "final"``.
 
@@ -139,10 +141,22 @@ def pretrain(
             quite describe its image.  The model then learns a prompt-following error rate that
             alignment can remove, next to the drawing errors of a small model.
         init (`str`, *optional*): start from this saved toy-shapes model instead of random
-            weights (ignored when ``out_dir`` holds a checkpoint to resume).
+            weights (ignored when ``out_dir`` holds a checkpoint to resume); ``"toy-shapes"`` is
+            the shipped model.
+        max_minutes (`float`, *optional*): a wall-clock budget: stop (with a checkpoint and
+            ``final/``) once the optimiser steps, resumed runs included, have taken this many
+            minutes; evaluations and checkpoints are not counted.  Calling again with a larger
+            budget continues.  The toy alignment bench's oracle row (supervised fine-tuning on
+            renderer scenes for the same wall time as the alignment methods) runs this way.
     """
     if not 0.0 <= caption_noise < 1.0:
         raise ValueError(f"caption_noise={caption_noise}: expected a probability in [0, 1)")
+    if max_minutes is not None and not max_minutes > 0:
+        raise ValueError(f"max_minutes={max_minutes}: expected a positive number of minutes or None (no budget)")
+    if init is not None and str(init) == "toy-shapes" and not Path(init).exists():
+        from visalign.assets import asset_path
+
+        init = asset_path("toy-shapes")
     if threads:
         torch.set_num_threads(threads)
     out = Path(out_dir)
@@ -151,7 +165,7 @@ def pretrain(
     ema = M.ToyShapes(copy.deepcopy(model.unet), copy.deepcopy(model.text_encoder), model.tokenizer, model.scheduler)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    step = 0
+    step, train_s = 0, 0.0
     ckpt = out / "ckpt.pt"
     if ckpt.is_file():
         st = torch.load(ckpt, weights_only=True)
@@ -161,6 +175,7 @@ def pretrain(
         ema.text_encoder.load_state_dict(st["ema_text_encoder"])
         opt.load_state_dict(st["opt"])
         step = int(st["step"])
+        train_s = float(st.get("train_seconds", torch.tensor(0.0)))
     for m in (ema.unet, ema.text_encoder):
         m.requires_grad_(False).eval()
     train_by_tag = by_tag(split("train"))
@@ -176,7 +191,11 @@ def pretrain(
     losses, t0, n0 = [], time.time(), step
     model.unet.train()
     model.text_encoder.train()
-    while step < steps:
+    def out_of_time():
+        return max_minutes is not None and train_s >= 60.0 * max_minutes
+
+    while step < steps and not out_of_time():
+        ts = time.perf_counter()
         x0, prompts = _batch(step, batch, seed, train_by_tag, p_uncond, caption_noise)
         x0 = M.to_latent(x0)  # (B, 12, 16, 16): the UNet's space-to-depth view of the pixels
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -198,15 +217,16 @@ def pretrain(
         _ema_update(ema.unet, model.unet, d)
         _ema_update(ema.text_encoder, model.text_encoder, d)
         losses.append(loss.item())
+        train_s += time.perf_counter() - ts
         if step % log_every == 0:
             dt = time.time() - t0
             emit({"event": "train", "step": step, "loss": float(np.mean(losses)),
                   "lr": opt.param_groups[0]["lr"], "steps_per_s": (step - n0) / max(dt, 1e-9),
                   "elapsed_s": dt})
             losses = []
-        if step % ckpt_every == 0 or step == steps:
+        if step % ckpt_every == 0 or step == steps or out_of_time():
             tmp = out / "ckpt.pt.tmp"
-            torch.save(_state(model, ema, opt, step), tmp)
+            torch.save(_state(model, ema, opt, step, train_s), tmp)
             tmp.replace(ckpt)
         if eval_every and (step % eval_every == 0 or step == steps):
             te = time.time()
@@ -214,7 +234,7 @@ def pretrain(
             emit({"event": "eval", "step": step, **res, "eval_s": time.time() - te})
             M.save(ema, out / "snapshots" / f"step_{step:06d}")
     M.save(ema, out / "final")
-    emit({"event": "done", "step": step})
+    emit({"event": "done", "step": step, "train_seconds": train_s})
     log.close()
     return out / "final"
 
@@ -233,11 +253,15 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--caption-noise", type=float, default=0.0,
                     help="probability that an image shows a near miss of its caption (default 0)")
-    ap.add_argument("--init", default=None, help="start from this saved toy-shapes model (default: random weights)")
+    ap.add_argument("--init", default=None,
+                    help="start from this saved toy-shapes model, or toy-shapes for the shipped one (default: random weights)")
+    ap.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights (default 0.999)")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="wall-clock budget of the optimiser steps (resumed runs included); default: none, --steps only")
     a = ap.parse_args(argv)
     pretrain(a.out, steps=a.steps, batch=a.batch, seed=a.seed, lr=a.lr, eval_every=a.eval_every,
              ckpt_every=a.ckpt_every, eval_per_category=a.eval_per_category, threads=a.threads, bf16=a.bf16,
-             caption_noise=a.caption_noise, init=a.init)
+             caption_noise=a.caption_noise, init=a.init, ema_decay=a.ema_decay, max_minutes=a.max_minutes)
 
 
 if __name__ == "__main__":
