@@ -203,8 +203,8 @@ def test_toy_refresh_recipe_refreshes(recipe_file, tmp_path):
 
     algo = yaml.safe_load((CONFIGS / recipe_file).read_text())["algorithm"]
     cut = {"backprop": ["backprop.batch_size=2", "backprop.num_steps=2"],
-           "grpo": ["grpo.group_size=2", "grpo.prompts_per_iteration=2", "grpo.num_steps=3", "grpo.train_batch_size=4",
-                    "grpo.sde_window_size=1"],
+           "grpo": ["grpo.group_size=2", "grpo.prompts_per_iteration=2", "grpo.num_steps=4", "grpo.train_batch_size=4",
+                    "grpo.sde_window_size=2"],
            "nft": ["nft.group_size=2", "nft.prompts_per_iteration=2", "nft.num_steps=2", "nft.train_batch_size=4",
                    "nft.timesteps=1"],
            "dpo": ["dpo.group_size=2", "dpo.prompts_per_iteration=2", "dpo.num_steps=2", "dpo.train_batch_size=2"]}[algo]
