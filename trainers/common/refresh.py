@@ -234,6 +234,8 @@ class RewardRefresher:
         with torch.random.fork_rng(devices=[]):
             images, prompts, metadata = self.sample(trainer, it)
             t_sample = time.perf_counter() - t0
+            if hasattr(self.judge, "write"):  # a folder judge: only the main process writes the round's files
+                self.judge.write = bool(trainer.acc.is_main_process)
             labels = self.judge(images, prompts, metadata)
             t_judge = time.perf_counter() - t0 - t_sample
             row: dict = {"refresh/round": self.rounds + 1}
