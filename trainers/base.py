@@ -352,6 +352,8 @@ class Trainer(abc.ABC):
                 keep_images=32 if self.run.save_sample_grid else 0, size=self.size,
             )
         metrics = {"iteration": self.iteration, **metrics}
+        if self.reward_refresh is not None:  # the label budget spent by this evaluation (labels per point of gain)
+            metrics.update(self.reward_refresh.metrics())
         if self.trained_reward_names:
             if self.alarm is None:
                 self.alarm = HackingAlarm(self.trained_reward_names, self.guards.alarm_tolerance)

@@ -41,7 +41,8 @@ def _head(trainer) -> dict:
 
 
 def test_refresh_happens_at_the_configured_iterations_only(tmp_path):
-    trainer = _trainer(tmp_path / "run", "run.iterations=5", _refresh(every=2, ensemble=3))
+    trainer = _trainer(tmp_path / "run", "run.iterations=5", _refresh(every=2, ensemble=3),
+                       "data.eval=toy:eval", "data.eval_max_prompts=2", "eval_rewards=[shapes]")
     trainer.train()
     rows = _rows(tmp_path / "run")
     refreshed = [r["iteration"] for r in rows if "refresh/round" in r]
@@ -50,6 +51,8 @@ def test_refresh_happens_at_the_configured_iterations_only(tmp_path):
     assert [r["refresh/judge_calls"] for r in rows] == [0, 0, 1, 1, 2]
     assert trainer.reward_refresh.model.heads.members == 3
     assert len(trainer.reward_refresh.store) == 12
+    evals = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [(e["iteration"], e["refresh/labels"]) for e in evals] == [(0, 0), (5, 12)]
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["reward_refresh"]["every"] == 2
 
