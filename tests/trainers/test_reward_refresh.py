@@ -50,6 +50,8 @@ def test_refresh_happens_at_the_configured_iterations_only(tmp_path):
     assert [r["refresh/labels"] for r in rows] == [0, 0, 6, 6, 12]  # the label budget, on every row
     assert [r["refresh/judge_calls"] for r in rows] == [0, 0, 1, 1, 2]
     assert trainer.reward_refresh.model.heads.members == 3
+    # the algorithm trains on the refreshed head: its reward holds the very object that was updated
+    assert any(part[1] is trainer.reward_refresh.reward for part in trainer.reward.parts)
     assert len(trainer.reward_refresh.store) == 12
     evals = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [(e["iteration"], e["refresh/labels"]) for e in evals] == [(0, 0), (5, 12)]
