@@ -52,6 +52,26 @@ def load_run(run_dir: str | Path, frozen_proxy: str | None = None) -> dict:
     return out
 
 
+def frozen_accuracy(run_dir: str | Path, proxy_dir: str, samples: int) -> list[float]:
+    """The frozen proxy's accuracy on each refresh round's labelled samples (the label store of the
+    run's newest checkpoint, ``samples`` per round), to set beside the refreshed head's
+    ``refresh/accuracy_before`` on the same samples."""
+    import torch
+
+    from visalign.rewards.shapes_proxy import ShapesProxyReward
+    from visalign.trainers.common.checkpoint import latest_checkpoint, load_checkpoint
+
+    store = load_checkpoint(latest_checkpoint(run_dir))["reward_refresh"]["store"]
+    proxy = ShapesProxyReward(proxy_dir)
+    images, prompts, labels = store["images"].float() / 255, store["prompts"], store["targets"]
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(prompts), samples):
+            p = proxy(images[s:s + samples], prompts[s:s + samples]).scores
+            out.append(float(((p > 0.5) == (labels[s:s + samples] > 0.5)).float().mean()))
+    return out
+
+
 def plot(runs: dict[str, dict], out: Path, title: str) -> None:
     import matplotlib
 
@@ -98,6 +118,8 @@ def main() -> None:
     ap.add_argument("--frozen-proxy", default=None, help="the eval reward name of the frozen shipped proxy")
     ap.add_argument("--out", default="docs/img/reward_refresh.png")
     ap.add_argument("--title", default="DRaFT-1 through shapes-proxy on toy-shapes, with and without reward refresh")
+    ap.add_argument("--frozen-dir", default=None, help="the frozen proxy's folder: its accuracy on every round's samples")
+    ap.add_argument("--samples", type=int, default=128, help="labelled samples per refresh round")
     args = ap.parse_args()
     runs = {}
     for spec in args.run:
@@ -108,8 +130,10 @@ def main() -> None:
     for name, r in runs.items():
         if r["refreshes"]:
             print(f"\n{name}: refreshes")
-            for x in r["refreshes"]:
-                print(json.dumps(x))
+            frozen = frozen_accuracy(dict(x.partition("=")[::2] for x in args.run)[name], args.frozen_dir,
+                                     args.samples) if args.frozen_dir else []
+            for j, x in enumerate(r["refreshes"]):
+                print(json.dumps({**x, "frozen_accuracy": frozen[j] if j < len(frozen) else None}))
         print(f"\n{name}: per-category strict accuracy, first and last evaluation")
         print(json.dumps(r["per_tag"][0]), "\n", json.dumps(r["per_tag"][-1]))
 
