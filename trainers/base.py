@@ -450,7 +450,8 @@ class Trainer(abc.ABC):
 
     def save_final(self, out: str | Path | None = None) -> Path | None:
         """LoRA (EMA weights when kept) to ``out`` (default ``run_dir/final``) in diffusers' format;
-        after full fine-tuning, the denoiser's weights as ``denoiser.safetensors``."""
+        after full fine-tuning, the denoiser's weights as ``denoiser.safetensors``; with reward
+        refresh, the refreshed reward head in ``reward_head/``."""
         if not self.acc.is_main_process:
             return None
         from visalign.samplers.lora import has_lora, save_lora
@@ -458,15 +459,19 @@ class Trainer(abc.ABC):
         out = self.run_dir / "final" if out is None else Path(out)
         with self.ema_weights():
             if has_lora(self.sampler):
-                return save_lora(self.sampler, out)
-            from safetensors.torch import save_file
+                path = save_lora(self.sampler, out)
+            else:
+                from safetensors.torch import save_file
 
-            from visalign.io import atomic_write
+                from visalign.io import atomic_write
 
-            out.mkdir(parents=True, exist_ok=True)
-            state = {k: v.contiguous().cpu() for k, v in self.sampler.denoiser.state_dict().items()}
-            atomic_write(out / "denoiser.safetensors", lambda p: save_file(state, str(p)))
-            return out
+                out.mkdir(parents=True, exist_ok=True)
+                state = {k: v.contiguous().cpu() for k, v in self.sampler.denoiser.state_dict().items()}
+                atomic_write(out / "denoiser.safetensors", lambda p: save_file(state, str(p)))
+                path = out
+        if self.reward_refresh is not None:  # the refreshed reward head, loadable as head:path=.../reward_head
+            self.reward_refresh.save(out / "reward_head")
+        return path
 
     # ---- the run loop ------------------------------------------------------------------------------
     def plot_keys(self, last: dict, final_eval: dict) -> tuple[list[str], list[str]]:

@@ -55,6 +55,14 @@ def test_refresh_happens_at_the_configured_iterations_only(tmp_path):
     assert len(trainer.reward_refresh.store) == 12
     evals = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [(e["iteration"], e["refresh/labels"]) for e in evals] == [(0, 0), (5, 12)]
+    # the refreshed head is exported with the final weights and scores like the live one
+    from visalign.rewards.shapes_proxy import ShapesProxyReward
+
+    exported = ShapesProxyReward(str(tmp_path / "run" / "final" / "reward_head"))
+    assert exported.meta["refreshed"]["labels"] == 12 and exported.model.heads.members == 3
+    x, prompts = torch.rand(2, 3, 32, 32), ["a red circle", "two blue squares"]
+    with torch.no_grad():
+        assert torch.allclose(exported(x, prompts).scores, trainer.reward_refresh.reward(x, prompts).scores)
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["reward_refresh"]["every"] == 2
 

@@ -274,6 +274,16 @@ class RewardRefresher:
         return {"refresh/labels": self.judge.labels, "refresh/judge_calls": self.judge.calls,
                 "refresh/rounds": self.rounds}
 
+    def save(self, out_dir) -> None:
+        """Write the refreshed head as a kit head folder (``head:path=DIR``; for ``shapes-proxy``
+        also ``shapes-proxy:path=DIR``), with the rounds and labels it was refreshed on."""
+        from visalign.rewards.head import save_head
+
+        meta = getattr(self.reward, "meta", {}) or {}
+        extra = {k: v for k, v in meta.items() if k not in ("format", "format_version", "model")}
+        extra["refreshed"] = {"rounds": self.rounds, "labels": self.judge.labels, "judge": self.judge.describe()}
+        save_head(self.model, out_dir, extra=extra, seed=meta.get("model", {}).get("seed", 0))
+
     # ---- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         store = None
