@@ -121,6 +121,8 @@ class Trainer(abc.ABC):
         size: ``{"height", "width", "num_frames"}`` of rollouts.
         guards: :class:`~visalign.trainers.common.guards.GuardSettings` (gated KL, adaptive
             reference, held-out alarm).
+        reward_refresh: a :class:`~visalign.trainers.common.refresh.RewardRefresher` (the trained
+            reward head keeps learning from a judge's labels of the policy's samples), or ``None``.
     """
 
     #: the registry name; also the progress bar's label and the config's key in config.json
@@ -131,7 +133,7 @@ class Trainer(abc.ABC):
     def __init__(self, sampler, config: OptimConfig, *, train_prompts=(), eval_prompts=None,
                  eval_rewards: Mapping | None = None, run: RunSettings | None = None, trainable=None,
                  accelerator=None, log_config: dict | None = None, size: dict | None = None,
-                 guards: GuardSettings | None = None) -> None:
+                 guards: GuardSettings | None = None, reward_refresh=None) -> None:
         from accelerate import Accelerator
 
         from visalign.threads import configure_threads
@@ -181,6 +183,7 @@ class Trainer(abc.ABC):
         self.reference_refreshes = 0
         #: wall-clock seconds spent in iterations (resumed runs included): the clock of run.max_minutes
         self.train_seconds = 0.0
+        self.reward_refresh = reward_refresh
 
     #: whether the algorithm trains on rewards (a recipe must then name at least one)
     needs_rewards: bool = False
@@ -292,17 +295,22 @@ class Trainer(abc.ABC):
     # ---- one logged iteration ------------------------------------------------------------------
     def step(self) -> dict:
         """One iteration: the adaptive reference's refresh when due (``guards.reference_refresh_every``),
-        :meth:`train_step`, then ``iteration``, ``lr`` and wall time are added and the row is logged to
-        ``metrics.jsonl`` (and the trackers)."""
+        the trained reward's refresh when due (``reward_refresh.every``), :meth:`train_step`, then
+        ``iteration``, ``lr`` and wall time are added and the row is logged to ``metrics.jsonl`` (and
+        the trackers)."""
         it = self.iteration
         t0 = time.perf_counter()
         every = self.guards.reference_refresh_every
         if every and it > 0 and it % every == 0:
             self.sampler.refresh_reference()
             self.reference_refreshes += 1
-        row = {"iteration": it + 1, **self.train_step(it)}
+        rr = self.reward_refresh
+        refreshed = rr.refresh(self, it) if rr is not None and rr.due(it) else {}
+        row = {"iteration": it + 1, **self.train_step(it), **refreshed}
         if every:
             row["reference/refreshes"] = self.reference_refreshes
+        if rr is not None:
+            row.update(rr.metrics())
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         row["time/iteration"] = time.perf_counter() - t0
         self.train_seconds += row["time/iteration"]
@@ -348,6 +356,8 @@ class Trainer(abc.ABC):
                 keep_images=32 if self.run.save_sample_grid else 0, size=self.size,
             )
         metrics = {"iteration": self.iteration, **metrics}
+        if self.reward_refresh is not None:  # the label budget spent by this evaluation (labels per point of gain)
+            metrics.update(self.reward_refresh.metrics())
         if self.trained_reward_names:
             if self.alarm is None:
                 self.alarm = HackingAlarm(self.trained_reward_names, self.guards.alarm_tolerance)
@@ -385,6 +395,7 @@ class Trainer(abc.ABC):
             "reference": self.sampler.reference_state() if self.reference_refreshes else None,
             "alarm": self.alarm.state_dict() if self.alarm is not None else None,
             "train_seconds": self.train_seconds,
+            "reward_refresh": self.reward_refresh.state_dict() if self.reward_refresh is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -406,6 +417,11 @@ class Trainer(abc.ABC):
         if state.get("alarm") is not None:
             self.alarm = HackingAlarm(self.trained_reward_names, self.guards.alarm_tolerance)
             self.alarm.load_state_dict(state["alarm"])
+        if state.get("reward_refresh") is not None:
+            if self.reward_refresh is None:
+                raise ValueError("the checkpoint holds a refreshed reward head but this run has no reward_refresh "
+                                 "section: resume with the recipe the run was started with")
+            self.reward_refresh.load_state_dict(state["reward_refresh"])
 
     def save_checkpoint(self) -> Path | None:
         if not self.acc.is_main_process:
@@ -440,7 +456,8 @@ class Trainer(abc.ABC):
 
     def save_final(self, out: str | Path | None = None) -> Path | None:
         """LoRA (EMA weights when kept) to ``out`` (default ``run_dir/final``) in diffusers' format;
-        after full fine-tuning, the denoiser's weights as ``denoiser.safetensors``."""
+        after full fine-tuning, the denoiser's weights as ``denoiser.safetensors``; with reward
+        refresh, the refreshed reward head in ``reward_head/``."""
         if not self.acc.is_main_process:
             return None
         from visalign.samplers.lora import has_lora, save_lora
@@ -448,15 +465,19 @@ class Trainer(abc.ABC):
         out = self.run_dir / "final" if out is None else Path(out)
         with self.ema_weights():
             if has_lora(self.sampler):
-                return save_lora(self.sampler, out)
-            from safetensors.torch import save_file
+                path = save_lora(self.sampler, out)
+            else:
+                from safetensors.torch import save_file
 
-            from visalign.io import atomic_write
+                from visalign.io import atomic_write
 
-            out.mkdir(parents=True, exist_ok=True)
-            state = {k: v.contiguous().cpu() for k, v in self.sampler.denoiser.state_dict().items()}
-            atomic_write(out / "denoiser.safetensors", lambda p: save_file(state, str(p)))
-            return out
+                out.mkdir(parents=True, exist_ok=True)
+                state = {k: v.contiguous().cpu() for k, v in self.sampler.denoiser.state_dict().items()}
+                atomic_write(out / "denoiser.safetensors", lambda p: save_file(state, str(p)))
+                path = out
+        if self.reward_refresh is not None:  # the refreshed reward head, loadable as head:path=.../reward_head
+            self.reward_refresh.save(out / "reward_head")
+        return path
 
     # ---- the run loop ------------------------------------------------------------------------------
     @property

@@ -22,6 +22,7 @@ from visalign.config import ConfigError, apply_overrides, from_dict, read_yaml
 from . import registry
 from .common.guards import GuardSettings
 from .common.lora import LoraSettings
+from .common.refresh import RefreshSettings
 from .common.run import RunSettings
 
 __all__ = ["TrainRecipe", "ModelSection", "DataSection", "build_trainer", "load_recipe"]
@@ -71,6 +72,9 @@ class TrainRecipe:
     run: RunSettings = field(default_factory=RunSettings)
     #: hacking guards: gated KL, adaptive reference, held-out alarm (trainers/common/guards.py)
     guards: GuardSettings = field(default_factory=GuardSettings)
+    #: reward refresh in the loop: the trained reward head keeps learning from a judge's labels of
+    #: the policy's samples (trainers/common/refresh.py); every: 0 = off
+    reward_refresh: RefreshSettings = field(default_factory=RefreshSettings)
     #: the algorithm's config (built from the section named like the algorithm)
     config: Any = None
 
@@ -136,7 +140,14 @@ def build_trainer(recipe: TrainRecipe, accelerator=None):
     log = {"model": asdict(recipe.model), "data": asdict(recipe.data), "rewards": recipe.rewards,
            "eval_rewards": recipe.eval_rewards, "lora": asdict(recipe.lora) if recipe.lora else None,
            "guards": asdict(recipe.guards)}
+    refresher = None
+    if recipe.reward_refresh.every:
+        from .common.refresh import build_refresher
+
+        log["reward_refresh"] = asdict(recipe.reward_refresh)
+        refresher = build_refresher(recipe.reward_refresh, rewards, recipe.reward_options)
+    extra = {"reward_refresh": refresher} if refresher is not None else {}
     return trainer_cls.from_parts(
         sampler, recipe.config, rewards=rewards, train_prompts=train, eval_prompts=evals, eval_rewards=eval_rewards,
         run=recipe.run, trainable=trainable, accelerator=accelerator, log_config=log, guards=recipe.guards,
-        size={k: v for k, v in (("height", m.height), ("width", m.width)) if v})
+        size={k: v for k, v in (("height", m.height), ("width", m.width)) if v}, **extra)
