@@ -11,7 +11,7 @@ Side by side in one process, interleaved (A B A B ...), medians reported:
 The ratio is what FK's bookkeeping (potentials, ESS, resampling, reordering the recorded history)
 costs on top of the denoiser and reward calls it cannot avoid.  Target: <= 1.10.
 
-    /work/cpu_slot.sh python bench/steer_overhead.py            # toy-shapes + shapes-proxy
+    python bench/steer_overhead.py            # toy-shapes + shapes-proxy
     python bench/steer_overhead.py --prompts 8 --particles 4 --steps 10 --repeats 5
 """
 

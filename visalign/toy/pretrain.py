@@ -16,7 +16,7 @@ per-category strict accuracy every ``eval_every`` steps), ``ckpt.pt`` (model, EM
 step; loaded with ``weights_only=True``), ``final/`` and ``snapshots/step_XXXXXX/`` (EMA weights in
 diffusers layout, see :mod:`.model`).
 
-Run: ``python -m visalign.toy.pretrain --out /work/toy_pretrain --steps 20000 --batch 32``.
+Run: ``python -m visalign.toy.pretrain --out runs/toy_pretrain --steps 20000 --batch 32``.
 """
 
 from __future__ import annotations
