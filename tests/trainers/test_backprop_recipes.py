@@ -36,7 +36,7 @@ def test_every_backprop_recipe_is_covered():
     test_recipes.py with the other toy recipes)."""
     found = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if _algorithm(p) == "backprop"}
     toy = {f for f in found if f.startswith("toy/")}
-    assert toy == {"toy/reward_backprop.yaml"}
+    assert toy == {"toy/reward_backprop.yaml", "toy/reward_backprop_guarded.yaml", "toy/reward_backprop_refresh.yaml"}
     assert found - toy == set(RECIPES)
     methods = {load_recipe(CONFIGS / f).config.method for f in found}
     assert methods == {"draft", "draft_lv", "alignprop", "refl"}  # every method has a recipe
