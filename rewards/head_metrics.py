@@ -16,23 +16,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
+from visalign.stats import roc_auc
+
 __all__ = ["roc_auc", "ece", "binary_metrics", "pairwise_metrics", "rating_metrics", "calibration_plot"]
-
-
-def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties counting one half; NaN when a class is empty."""
-    from scipy.stats import rankdata
-
-    s, y = np.asarray(scores, np.float64), np.asarray(labels, bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(s)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def _bins(p: np.ndarray, y: np.ndarray, n_bins: int = 10):

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..stats import roc_auc  # noqa: F401  (re-exported: visalign.toy.artifacts and older scripts)
 from .prompts import COLORS, SHAPES, TAGS, by_tag, mutate, split, vocabulary
 from .render import render
 from .verify import Detected, check, to_work
@@ -205,21 +206,8 @@ def resize_to_work(images: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: hard negatives from the grammar, the base-model pool, ROC AUC
+# Data: hard negatives from the grammar, the base-model pool
 # ----------------------------------------------------------------------------------------------
-
-def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float:
-    """ROC AUC as the Mann-Whitney U statistic: P(score of a positive > score of a negative), ties
-    counting one half (Hanley & McNeil 1982).  NaN when one class is empty."""
-    from scipy.stats import rankdata
-
-    s, y = np.asarray(scores, np.float64), np.asarray(labels, bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(s)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
 
 def _balanced(metas_by_tag: dict, n: int, rng: np.random.Generator) -> list[dict]:
     """``n`` prompts drawn category-balanced: a category uniformly, then a prompt in it."""
