@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .common import Compute, CountingDenoiser, HistoryHook, Steered, SteerResult, grid_steps
+from .common import Compute, CountingDenoiser, grid_steps, HistoryHook, nan_invalid, Steered, SteerResult
 
 __all__ = ["best_of_n"]
 
@@ -53,9 +53,7 @@ def best_of_n(sampler, prompts: Sequence[str], reward: Callable, *, n: int = 4,
     done = [0]
 
     def finish(start: int, batch) -> None:
-        out = batch.outputs["reward"]
-        scores = out.scores.detach().float().cpu().clone()
-        scores[~out.valid.cpu()] = float("nan")
+        scores = nan_invalid(batch.outputs["reward"])
         images = batch.images.float().cpu()
         compute.reward_calls += scores.shape[0]
         cols = history.batches[-1] if history is not None else []

@@ -62,6 +62,13 @@ def _chunks(n: int, size: int | None):
         yield slice(start, min(n, start + size))
 
 
+def nan_invalid(output) -> torch.Tensor:
+    """``(B,)`` float32 CPU scores of a reward output, NaN where the reward marks a sample invalid."""
+    s = output.scores.detach().float().cpu().clone()
+    s[~output.valid.cpu()] = float("nan")
+    return s
+
+
 def score_images(reward: Callable, images: torch.Tensor, prompts: Sequence[str], metadata=None,
                  chunk: int | None = None) -> torch.Tensor:
     """``(B,)`` float32 CPU scores of ``reward`` on ``images``, ``chunk`` samples per call; a sample
@@ -69,10 +76,7 @@ def score_images(reward: Callable, images: torch.Tensor, prompts: Sequence[str],
     out = []
     for sl in _chunks(images.shape[0], chunk):
         meta = None if metadata is None or all(m is None for m in metadata[sl]) else list(metadata[sl])
-        res = reward(images[sl], list(prompts[sl]), metadata=meta)
-        s = res.scores.detach().float().cpu().clone()
-        s[~res.valid.cpu()] = float("nan")
-        out.append(s)
+        out.append(nan_invalid(reward(images[sl], list(prompts[sl]), metadata=meta)))
     return torch.cat(out)
 
 

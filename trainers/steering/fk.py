@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .common import Compute, CountingDenoiser, Steered, SteerResult, lookahead_x0, score_latents
+from .common import Compute, CountingDenoiser, lookahead_x0, nan_invalid, score_latents, Steered, SteerResult
 from .guidance import GuidanceConfig, RewardGuidance, needs_gradient
 from .resampling import SCHEMES, ess, normalise, resample
 
@@ -344,9 +344,7 @@ def fk_steer(sampler, prompts: Sequence[str], reward: Callable, config: FKConfig
     done = [0]
 
     def finish(start: int, batch) -> None:
-        out = batch.outputs["reward"]
-        scores = out.scores.detach().float().cpu().clone()
-        scores[~out.valid.cpu()] = float("nan")
+        scores = nan_invalid(batch.outputs["reward"])
         images = batch.images.float().cpu()
         res = hook.finalize(scores, images if keep_history else None)
         images = images[res["order"]]
