@@ -88,6 +88,8 @@ ROWS = [
         note="DRaFT-1 through shapes-proxy refreshed with gold labels (label budget)"),
     Row("flow_grpo_refresh", "train", "configs/toy/flow_grpo_refresh.yaml",
         note="Flow-GRPO on shapes-proxy refreshed with gold labels"),
+    Row("flow_grpo_proxy", "train", "configs/toy/flow_grpo_refresh.yaml", ["reward_refresh.every=0"],
+        note="Flow-GRPO on the frozen shapes-proxy (the refresh row without its refresh)"),
     Row("nft_refresh", "train", "configs/toy/nft_refresh.yaml", note="NFT on shapes-proxy refreshed with gold labels"),
     Row("dpo_online_refresh", "train", "configs/toy/dpo_online_refresh.yaml",
         note="online DPO ranked by shapes-proxy refreshed with gold labels"),
@@ -97,6 +99,8 @@ ROWS = [
     Row("guidance", "steer", "configs/steer/toy_guidance.yaml", note="shapes-proxy gradient guidance"),
     Row("dpo_offline+bon4", "combo", "configs/steer/toy_bon.yaml", lora_from="dpo_offline",
         note="the offline-DPO LoRA, then best-of-4 by shapes-proxy"),
+    Row("dpo_offline+fk4_proxy", "combo", "configs/steer/toy_fk.yaml", lora_from="dpo_offline",
+        note="the offline-DPO LoRA, then FK k = 4 by shapes-proxy"),
 ]
 
 
@@ -305,8 +309,9 @@ def run_steer_row(row: Row, args, judge: Judge, rdir: Path, results: dict) -> di
     import visalign.samplers as vs
     from visalign.config import load_config
     from visalign.trainers.recipe import _load_reward
-    from visalign.trainers.steering.config import SteerConfig, steer
+    from visalign.trainers.steering.config import SteerConfig
     from visalign.trainers.steering.guidance import needs_gradient
+    from visalign.trainers.steering.toy_eval import evaluate_steered
 
     overrides = [f"model.name={args.model}", "run.threads=1"] + row.overrides + args.sets.get(row.name, [])
     cfg = load_config(str(ROOT / row.recipe), SteerConfig, overrides)
@@ -326,32 +331,16 @@ def run_steer_row(row: Row, args, judge: Judge, rdir: Path, results: dict) -> di
     if cfg.method in ("guidance", "fk+guidance"):
         g_reward = _load_reward(cfg.guidance_reward, cfg.reward_options) if cfg.guidance_reward else reward
         needs_gradient(g_reward, f"row {row.name}")
+    steered = evaluate_steered(sampler, judge.metas, reward, cfg, samples=judge.samples, guidance_reward=g_reward,
+                               state_file=rdir / "images.pt", progress=False)
     jobs = [m for m in judge.metas for _ in range(judge.samples)]
-    k, batch = cfg.particles, cfg.run.prompts_per_batch
-    images_file = rdir / "images.pt"
-    state = torch.load(images_file, weights_only=True) if images_file.is_file() else {"images": [], "seconds": 0.0,
-                                                                                         "denoiser_calls": 0.0,
-                                                                                         "reward_calls": 0.0}
-    while len(state["images"]) < len(jobs):  # resumable per batch
-        c = len(state["images"])
-        part = jobs[c:c + batch]
-        t0 = time.perf_counter()
-        res = steer(sampler, [m["prompt"] for m in part], reward, cfg, metadata=part, guidance_reward=g_reward,
-                    seed=cfg.seed + c * k)
-        state["seconds"] += time.perf_counter() - t0
-        state["denoiser_calls"] += res.compute["denoiser_calls"] * len(part)
-        state["reward_calls"] += res.compute["reward_calls"] * len(part)
-        state["images"] += [item.image.detach().float().cpu() for item in res.items]
-        tmp = images_file.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(images_file)
-    n = len(jobs)
-    res = judge.images(state["images"], jobs, state["seconds"])
+    n, k = len(jobs), cfg.particles
+    res = judge.images(steered.pop("images"), jobs, steered["seconds"])
+    stats = {key: steered[key] for key in ("seconds_per_image", "denoiser_calls_per_image", "reward_calls_per_image")}
     gold = _is_gold(cfg.reward)
     return {"steer": {"method": cfg.method, "reward": cfg.reward, "particles": k, "lora": str(lora) if lora else None,
-                      "seconds_per_image": state["seconds"] / n, "denoiser_calls_per_image": state["denoiser_calls"] / n,
-                      "reward_calls_per_image": state["reward_calls"] / n},
-            "labels": int(round(state["reward_calls"])) if gold else 0, "samples": int(n * k), "eval": res}
+                      **stats},
+            "labels": int(round(stats["reward_calls_per_image"] * n)) if gold else 0, "samples": int(n * k), "eval": res}
 
 
 def run_row(row: Row, args, judge: Judge, results: dict) -> dict:

@@ -17,7 +17,7 @@ FLAGS = {
     "seed": "seed", "out": "run.out", "threads": "run.threads", "images_per_prompt": "run.images_per_prompt",
     "kernel": "kernel", "reward_guidance": "reward_guidance.scale", "height": "model.height", "width": "model.width",
     "num_frames": "model.num_frames", "dtype": "model.dtype", "device": "model.device",
-    "batch_prompts": "run.prompts_per_batch",
+    "batch_prompts": "run.prompts_per_batch", "lora": "model.lora",
 }
 
 
@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", help="prompt source: .txt / .jsonl / .json file or a registered set (toy:eval)")
+    p.add_argument("--lora", help="a LoRA folder to steer with (RUN/final of visalign train)")
     p.add_argument("--method", help="bon | fk | guidance | fk+guidance | search (default fk)")
     p.add_argument("--reward", help="steering reward spec (visalign rewards), e.g. shapes-proxy, aesthetic")
     p.add_argument("--guidance-reward", help="reward whose gradient guides (default: --reward)")
@@ -47,6 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", help="cpu (default), cuda, cuda:1 ...")
     p.add_argument("--no-grid", action="store_true", help="do not write the particle grids")
+    p.add_argument("--toy-eval", action="store_true",
+                   help="toy world: judge instead of writing images: the base, the base + --lora and the recipe "
+                        "steering it, on the held-out eval prompts (visalign toy eval's), by the gold verifier")
+    p.add_argument("--toy-eval-samples", type=int, default=4, help="--toy-eval: samples per prompt (default 4)")
+    p.add_argument("--toy-eval-prompts", type=int, default=None,
+                   help="--toy-eval: the first N eval prompts (default all 243)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default auto: the cores other processes leave free)")
 
@@ -88,7 +95,7 @@ def run(args) -> int:
         print(f"visalign steer: error: {err}", file=sys.stderr)
         return 2
     try:
-        return _steer(cfg)
+        return _toy_eval(cfg, args) if getattr(args, "toy_eval", False) else _steer(cfg)
     except _Usage as err:
         print(f"visalign steer: error: {err}", file=sys.stderr)
         return 2
@@ -96,6 +103,43 @@ def run(args) -> int:
 
 class _Usage(Exception):
     pass
+
+
+def _check_lora(cfg) -> None:
+    from pathlib import Path
+
+    if cfg.model.lora and not Path(cfg.model.lora).is_dir():
+        raise _Usage(f"--lora {cfg.model.lora}: no such folder; give a LoRA folder written by visalign train "
+                     "(RUN/final, or RUN/export/iter_N)")
+
+
+def _toy_eval(cfg, args) -> int:
+    import json
+    from pathlib import Path
+
+    from visalign.io import atomic_write_json
+    from visalign.samplers import ModelNotFoundError
+    from visalign.threads import configure_threads
+
+    from .toy_eval import compare, format_compare
+
+    if args.toy_eval_samples < 1 or (args.toy_eval_prompts is not None and args.toy_eval_prompts < 1):
+        raise _Usage("--toy-eval-samples and --toy-eval-prompts must be >= 1")
+    _check_lora(cfg)
+    try:
+        configure_threads(cfg.run.threads, cfg.model.device)
+    except ValueError as err:
+        raise _Usage(f"--threads: {err}") from None
+    try:
+        result = compare(cfg, lora=cfg.model.lora, samples=args.toy_eval_samples, max_prompts=args.toy_eval_prompts,
+                         load_reward=_load_reward)
+    except (ModelNotFoundError, FileNotFoundError, ValueError) as err:
+        raise _Usage(str(err)) from None
+    print(format_compare(result))
+    out = Path(cfg.run.out) / "toy_eval.json"
+    atomic_write_json(out, json.loads(json.dumps(result)))
+    print(f"summary in {out}")
+    return 0
 
 
 def _steer(cfg) -> int:
@@ -123,10 +167,15 @@ def _steer(cfg) -> int:
         configure_threads(cfg.run.threads, cfg.model.device)
     except ValueError as err:
         raise _Usage(f"--threads: {err}") from None
+    _check_lora(cfg)
     try:
         sampler = load(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, **cfg.model.options)
     except ModelNotFoundError as err:
         raise _Usage(str(err)) from None
+    if cfg.model.lora:
+        from visalign.samplers.lora import load_lora
+
+        load_lora(sampler, cfg.model.lora)
     try:
         reward = _load_reward(cfg.reward, cfg.reward_options)
         g_reward = None

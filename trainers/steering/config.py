@@ -40,6 +40,8 @@ class SteerModel:
     device: str | None = None
     #: family adapter options, e.g. {max_sequence_length: 128}
     options: dict[str, Any] = field(default_factory=dict)
+    #: a LoRA folder to steer with (``RUN/final`` of ``visalign train``); null = the model alone
+    lora: str | None = None
     #: generation size in pixels / frames (null = the model's default)
     height: int | None = None
     width: int | None = None
