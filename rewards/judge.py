@@ -2,21 +2,31 @@
 
 A judge takes a batch of images in ``[0, 1]`` with their prompts and metadata and returns one label
 per image (``NaN`` where it gave none), binary (0 / 1) or scalar, as the kit's ``binary`` and
-``rating`` heads train (:mod:`.head_train`).  Every label it gives is counted: ``labels`` is the
-label budget a run has spent, ``calls`` the number of times it was asked.
+``rating`` heads train (:mod:`.head_train`).  For a ``pairwise`` (Bradley-Terry) head it compares
+pairs instead (:meth:`Judge.compare`): two images of the same prompt, one label per pair, the
+probability that the first is preferred (1: the first, 0: the second, 0.5: a declared tie, ``NaN``:
+no label).  Every label it gives is counted (a pair's label is one label): ``labels`` is the label
+budget a run has spent, ``calls`` the number of times it was asked.
 
 Three kinds (docs/reward_refresh.md, "Judges"):
 
 - **a reward** used as a labeller (``JudgeSettings(reward="shapes", component="strict")``): a
   stronger or slower reward (a VLM judge, ``vqascore``, the toy world's gold verifier) scores the
-  samples; with ``threshold`` the label is ``value >= threshold`` (binary), else the value itself;
+  samples; with ``threshold`` the label is ``value >= threshold`` (binary), else the value itself.
+  A pair is labelled by comparing the two values (each as a single image would be labelled): 1
+  when the first is higher, 0 when lower; equal values (within ``1e-9``) give no label and cost
+  nothing, as Diffusion-DPO (Wallace et al. 2023) drops tied pairs;
 - **a Python function** (``function="my_module:my_labeller"``) called as
-  ``fn(images, prompts, metadata)`` and returning a sequence of labels (``None`` / NaN: no label);
+  ``fn(images, prompts, metadata)`` for single images, and as
+  ``fn(images_a, images_b, prompts, metadata)`` for pairs (a pairwise head), returning a sequence of
+  labels, one per image or per pair (``None`` / NaN: no label; ``None`` for the batch: no labels);
 - **a folder** (``folder="labels/"``): each round writes ``round_NNNN/images/*.png`` and
-  ``round_NNNN/to_label.jsonl`` (rows ``{"id", "image", "prompt", "metadata"}``) and waits for a
+  ``round_NNNN/to_label.jsonl`` (rows ``{"id", "image", "prompt", "metadata"}``; for pairs
+  ``{"id", "image_a", "image_b", "prompt", "metadata", "task": "pairwise"}``) and waits for a
   person or a service to write ``round_NNNN/labels.jsonl`` (rows ``{"id", "label"}``, label
-  ``null`` to skip an image); after ``timeout_s`` without it the round gives no labels and the run
-  continues with the head it has.
+  ``null`` to skip an image or a pair; for pairs 1 = ``image_a`` preferred, 0 = ``image_b``,
+  0.5 = a tie); after ``timeout_s`` without it the round gives no labels and the run continues
+  with the head it has.
 
 Samples the reward calls invalid (a prompt outside its grammar) get no label and cost nothing.
 """
@@ -126,6 +136,38 @@ class Judge(abc.ABC):
     def label(self, images: torch.Tensor, prompts: list[str], metadata: list) -> Any:
         """One label per image (a tensor or a sequence; NaN / None = no label), or ``None``."""
 
+    def compare(self, images_a: torch.Tensor, images_b: torch.Tensor, prompts: Sequence[str],
+                metadata: Sequence[dict | None] | None = None) -> torch.Tensor | None:
+        """``(P,)`` float labels of pairs ``(images_a[i], images_b[i])`` of prompt ``prompts[i]``: the
+        probability that ``a`` is preferred (1, 0, 0.5 for a tie; NaN: no label), or ``None`` when
+        the judge gave no labels this round.  Counted like :meth:`__call__` (one label per pair)."""
+        if images_a.shape != images_b.shape:
+            raise ValueError(f"judge {self.describe()}: the pair's images differ in shape, "
+                             f"{tuple(images_a.shape)} vs {tuple(images_b.shape)}")
+        if len(prompts) != images_a.shape[0]:
+            raise ValueError(f"judge {self.describe()}: {images_a.shape[0]} pairs but {len(prompts)} prompts")
+        self.calls += 1
+        labels = self.label_pairs(images_a, images_b, list(prompts),
+                                  list(metadata) if metadata is not None else [None] * len(prompts))
+        if labels is None:
+            return None
+        labels = torch.as_tensor(labels, dtype=torch.float32).flatten().cpu()
+        if labels.shape[0] != images_a.shape[0]:
+            raise ValueError(f"judge {self.describe()} returned {labels.shape[0]} labels for {images_a.shape[0]} pairs")
+        finite = torch.isfinite(labels)
+        bad = finite & ((labels < 0) | (labels > 1))
+        if bad.any():
+            raise ValueError(f"judge {self.describe()}: a pair's label is the probability that the first image is "
+                             f"preferred, in [0, 1] (1: first, 0: second, 0.5: tie, NaN / None: no label); got "
+                             f"{labels[bad][:4].tolist()}")
+        self.labels += int(finite.sum())
+        return labels
+
+    def label_pairs(self, images_a: torch.Tensor, images_b: torch.Tensor, prompts: list[str], metadata: list) -> Any:
+        """One label per pair (P(a preferred); NaN / None = no label), or ``None``."""
+        raise NotImplementedError(f"judge {self.describe()} labels single images only; a pairwise head needs a "
+                                  "judge that compares pairs (implement label_pairs)")
+
     def describe(self) -> str:
         return type(self).__name__
 
@@ -149,6 +191,19 @@ class RewardJudge(Judge):
         meta = metadata if any(m is not None for m in metadata) else None
         with torch.no_grad():
             out = self.reward(images, prompts, metadata=meta)
+        return self._values(out)
+
+    def label_pairs(self, images_a, images_b, prompts, metadata):
+        """Both images valued as single images are labelled (one reward call); 1 where ``a`` is
+        higher, 0 where lower, NaN for a tie (within 1e-9) or an invalid sample."""
+        n = images_a.shape[0]
+        both = self.label(torch.cat([images_a, images_b]), prompts + prompts, metadata + metadata)
+        a, b = both[:n], both[n:]
+        out = (a > b).float()
+        return torch.where(torch.isfinite(a) & torch.isfinite(b) & ((a - b).abs() > 1e-9), out,
+                           torch.tensor(float("nan")))
+
+    def _values(self, out) -> torch.Tensor:
         if self.component is None:
             value = out.scores
         elif self.component in out.components:
@@ -167,14 +222,21 @@ class RewardJudge(Judge):
 
 
 class FunctionJudge(Judge):
-    """A Python labelling function ``fn(images, prompts, metadata) -> labels``."""
+    """A Python labelling function: ``fn(images, prompts, metadata) -> labels`` for single images,
+    ``fn(images_a, images_b, prompts, metadata) -> labels`` for pairs (:meth:`Judge.compare`)."""
 
     def __init__(self, fn: Callable, name: str = "function") -> None:
         super().__init__()
         self.fn, self.name = fn, name
 
     def label(self, images, prompts, metadata):
-        out = self.fn(images, prompts, metadata)
+        return self._labels(self.fn(images, prompts, metadata))
+
+    def label_pairs(self, images_a, images_b, prompts, metadata):
+        return self._labels(self.fn(images_a, images_b, prompts, metadata))
+
+    @staticmethod
+    def _labels(out):
         if out is None:
             return None
         if isinstance(out, torch.Tensor):
@@ -206,18 +268,45 @@ class FolderJudge(Judge):
         return self.folder / f"round_{index:04d}"
 
     def label(self, images, prompts, metadata):
-        from visalign.io import atomic_write_text
-        from visalign.sample import save_image
-
-        d = self.round_dir(self.rounds)
-        self.rounds += 1
+        d = self._next_round()
         if self.write:
             rows = []
             for i, (img, p, m) in enumerate(zip(images, prompts, metadata)):
-                rel = f"images/{i:05d}.png"
-                save_image(img.float().clamp(0, 1), d / rel)
-                rows.append({"id": i, "image": rel, "prompt": p, "metadata": m})
-            atomic_write_text(d / "to_label.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+                rows.append({"id": i, "image": self._save(img, d, f"{i:05d}"), "prompt": p, "metadata": m})
+            self._write_rows(d, rows)
+        return self._read(d, images.shape[0], "images", pairwise=False)
+
+    def label_pairs(self, images_a, images_b, prompts, metadata):
+        d = self._next_round()
+        if self.write:
+            rows = []
+            for i, (a, b, p, m) in enumerate(zip(images_a, images_b, prompts, metadata)):
+                rows.append({"id": i, "image_a": self._save(a, d, f"{i:05d}_a"), "image_b": self._save(b, d, f"{i:05d}_b"),
+                             "prompt": p, "metadata": m, "task": "pairwise"})
+            self._write_rows(d, rows)
+        return self._read(d, images_a.shape[0], "pairs", pairwise=True)
+
+    def _next_round(self) -> Path:
+        d = self.round_dir(self.rounds)
+        self.rounds += 1
+        return d
+
+    @staticmethod
+    def _save(image: torch.Tensor, d: Path, stem: str) -> str:
+        from visalign.sample import save_image
+
+        rel = f"images/{stem}.png"
+        save_image(image.float().clamp(0, 1), d / rel)
+        return rel
+
+    @staticmethod
+    def _write_rows(d: Path, rows: list[dict]) -> None:
+        from visalign.io import atomic_write_text
+
+        atomic_write_text(d / "to_label.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+    def _read(self, d: Path, n: int, what: str, pairwise: bool) -> list[float] | None:
+        """Wait for ``d/labels.jsonl`` (``None`` after ``timeout_s``) and read its ``n`` labels."""
         target = d / "labels.jsonl"
         start = time.monotonic()
         while not target.is_file():
@@ -225,22 +314,25 @@ class FolderJudge(Judge):
             if self.timeout_s is not None and waited >= self.timeout_s:
                 return None
             self._sleep(self.poll_s if self.timeout_s is None else min(self.poll_s, self.timeout_s - waited))
-        labels = [float("nan")] * images.shape[0]
-        for n, line in enumerate(target.read_text().splitlines(), 1):
+        labels = [float("nan")] * n
+        for k, line in enumerate(target.read_text().splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
                 i, value = int(row["id"]), row.get("label")
             except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{target}, line {n}: expected {{\"id\": int, \"label\": number or null}}, got "
+                raise ValueError(f"{target}, line {k}: expected {{\"id\": int, \"label\": number or null}}, got "
                                  f"{line[:80]!r} ({err})") from None
-            if not 0 <= i < len(labels):
-                raise ValueError(f"{target}, line {n}: id {i} is not one of the round's images (0..{len(labels) - 1})")
+            if not 0 <= i < n:
+                raise ValueError(f"{target}, line {k}: id {i} is not one of the round's {what} (0..{n - 1})")
             if value is not None:
                 value = float(value)
                 if not math.isfinite(value):
-                    raise ValueError(f"{target}, line {n}: label {row['label']!r} is not a finite number")
+                    raise ValueError(f"{target}, line {k}: label {row['label']!r} is not a finite number")
+                if pairwise and not 0.0 <= value <= 1.0:
+                    raise ValueError(f"{target}, line {k}: a pair's label is 1 (image_a preferred), 0 (image_b), "
+                                     f"0.5 (a tie) or null (skip), got {row['label']!r}")
                 labels[i] = value
         return labels
 

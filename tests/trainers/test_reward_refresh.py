@@ -1,7 +1,8 @@
 """Reward refresh in the loop (trainers/common/refresh.py, rewards/judge.py): the refresh happens at
 the configured iterations only, resumes exactly, teaches the head what it got wrong, leaves a run
 without it (or with a judge that gives nothing) bit-identical, and every toy refresh recipe of
-every algorithm refreshes."""
+every algorithm refreshes; a pairwise (Bradley-Terry) head is refreshed from pairs a judge compares
+(ranks better what it mis-ranked, counts pairs against the budget, resumes exactly)."""
 
 import json
 from pathlib import Path
@@ -157,6 +158,132 @@ def test_a_refreshed_head_scores_the_samples_it_mis_scored_better(tmp_path):
         p_after = rr.model(images, prompts)["score"]
     # every sample moved towards its label: up where the judge said 1, down where it said 0
     assert torch.all(torch.where(labels > 0.5, p_after - p_before, p_before - p_after) > 0)
+
+
+# ---- a pairwise (Bradley-Terry) head ---------------------------------------------------------------
+def _pairwise_head(folder) -> str:
+    """A tiny Bradley-Terry kit head (a small trainable CNN, as `visalign rewards train` saves it),
+    used as `head:path=DIR` in place of shapes-proxy."""
+    from visalign.rewards.head import BackboneConfig, RewardHeadModel, save_head
+
+    model = RewardHeadModel("pairwise", BackboneConfig(kind="cnn", options={"size": 16, "width": 4, "depth": 2}),
+                            8, [16], 1, use_prompt=False, seed=1)
+    save_head(model, folder, seed=1)
+    return "rewards=" + json.dumps({f"head:path={folder}": 1.0})
+
+
+def _brighter(images_a, images_b, prompts, metadata):
+    """A pairwise judge: the brighter image is preferred, a tie within 1e-3 is declared (0.5)."""
+    d = images_a.float().mean((1, 2, 3)) - images_b.float().mean((1, 2, 3))
+    return torch.where(d.abs() < 1e-3, 0.5, (d > 0).float())
+
+
+class _ContrarianPairs:
+    """A pairwise judge that prefers the image the head ranks lower: every pair is mis-ranked before."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, images_a, images_b, prompts, metadata):
+        with torch.no_grad():
+            return (self.model(images_a.float())["score"] <= self.model(images_b.float())["score"]).float()
+
+
+def _pair_delta(model, images_a, images_b):
+    with torch.no_grad():
+        return model(images_a)["score"] - model(images_b)["score"]
+
+
+def test_a_refreshed_pairwise_head_ranks_the_pairs_it_mis_ranked_better(tmp_path):
+    from visalign.rewards.judge import FunctionJudge
+
+    trainer = _trainer(tmp_path / "run", "run.iterations=2", _pairwise_head(tmp_path / "head"),
+                       _refresh(every=1, samples=12, steps=60, batch=12, lr=3e-3, ensemble=2, train_backbone="true"))
+    rr = trainer.reward_refresh
+    assert rr.pairwise and rr.model.task == "pairwise"
+    rr.judge = FunctionJudge(_ContrarianPairs(rr.model))
+    images_a, images_b, prompts, _ = rr.sample_pairs(trainer, 1)
+    assert images_a.shape == images_b.shape and len(prompts) == 12
+    assert not torch.equal(images_a, images_b)  # two seeds per prompt
+    delta_before = _pair_delta(rr.model, images_a, images_b)
+    labels = (delta_before <= 0).float()
+    row = rr.refresh(trainer, 1)
+    assert row["refresh/new_labels"] == 12 and rr.judge.labels == 12 and rr.judge.calls == 1  # one label per pair
+    assert row["refresh/accuracy_before"] == 0.0
+    assert row["refresh/accuracy_after"] >= 0.75
+    assert rr.store.units == 12 and len(rr.store) == 24 and torch.equal(rr.store.pair_labels, labels)
+    delta_after = _pair_delta(rr.model, images_a, images_b)
+    # every pair's score difference moved towards the judge's preference
+    assert torch.all(torch.where(labels > 0.5, delta_after - delta_before, delta_before - delta_after) > 0)
+
+
+def test_a_pairwise_refresh_counts_pairs_against_the_budget(tmp_path):
+    from visalign.rewards.judge import FunctionJudge
+
+    trainer = _trainer(tmp_path / "run", "run.iterations=3", _pairwise_head(tmp_path / "head"),
+                       _refresh(every=1, samples=4, max_labels=6))
+    trainer.reward_refresh.judge = FunctionJudge(_brighter)
+    trainer.train()
+    rows = _rows(tmp_path / "run")
+    assert [r.get("refresh/new_labels") for r in rows] == [None, 4, 2]
+    assert rows[-1]["refresh/labels"] == 6 and rows[-1]["refresh/judge_calls"] == 2
+    store = trainer.reward_refresh.store
+    assert store.units == 6 and len(store) == 12 and store.targets is None
+    assert torch.equal(store.pairs[4:], torch.tensor([[8, 10], [9, 11]]))  # the second round's pairs, re-indexed
+
+
+def test_resume_after_a_pairwise_refresh_equals_an_uninterrupted_run(tmp_path):
+    from visalign.rewards.judge import FunctionJudge
+
+    head = _pairwise_head(tmp_path / "head")
+
+    def build(run_dir, *more):
+        t = _trainer(run_dir, "run.iterations=5", head, _refresh(every=2), *more)
+        t.reward_refresh.judge = FunctionJudge(_brighter)
+        return t
+
+    full = build(tmp_path / "full")
+    full.train()
+    part = build(tmp_path / "part", "run.checkpoint_every=3")
+    part.train(iterations=3)  # a refresh at iteration 2, checkpointed after iteration 3
+    resumed = build(tmp_path / "part", "run.checkpoint_every=3")
+    assert resumed.resume() and resumed.iteration == 3 and resumed.reward_refresh.rounds == 1
+    assert resumed.reward_refresh.store.units == 6 and resumed.reward_refresh.judge.labels == 6
+    resumed.train()
+    for a, b in zip(_params(full), _params(resumed)):
+        assert torch.equal(a, b)
+    head_full, head_resumed = _head(full), _head(resumed)
+    assert all(torch.equal(head_full[k], head_resumed[k]) for k in head_full)
+    sf, sr = full.reward_refresh.store, resumed.reward_refresh.store
+    assert sf.units == sr.units == 12 and torch.equal(sf.pairs, sr.pairs) and torch.equal(sf.pair_labels, sr.pair_labels)
+    assert torch.equal(sf.images, sr.images)
+    keys = ("loss", "reward/mean", "refresh/labels", "refresh/accuracy_before", "refresh/accuracy_after")
+    assert [[r.get(k) for k in keys] for r in _rows(tmp_path / "full")] == \
+        [[r.get(k) for k in keys] for r in _rows(tmp_path / "part")]
+
+
+def test_a_pairwise_head_needs_a_judge_that_compares(tmp_path):
+    from visalign.rewards.judge import Judge
+    from visalign.trainers.common.refresh import RewardRefresher, head_agreement
+
+    class SingleImagesOnly(Judge):
+        def label(self, images, prompts, metadata):
+            return torch.ones(len(images))
+
+    trainer = _trainer(tmp_path / "run", "run.iterations=1", _pairwise_head(tmp_path / "head"), _refresh())
+    rr = trainer.reward_refresh  # built from the recipe: the gold verifier compares pairs
+    with pytest.raises(ValueError, match="labels single images only"):
+        RewardRefresher(rr.settings, rr.reward, SingleImagesOnly())
+    with pytest.raises(ValueError, match="pass pairs"):
+        head_agreement(rr.model, "pairwise", torch.rand(2, 3, 8, 8), [None, None], torch.ones(1))
+    # the measure itself: ties are left out, an all-tie round has no accuracy
+    x = torch.stack([torch.full((3, 8, 8), v) for v in (0.2, 0.8)])
+    s = rr.model(x)["score"]
+    better = 0 if s[0] > s[1] else 1
+    pairs = torch.tensor([[better, 1 - better], [1 - better, better], [0, 1]])
+    m = head_agreement(rr.model, "pairwise", x, [None, None], torch.tensor([1.0, 1.0, 0.5]), pairs)
+    assert m["accuracy"] == 0.5 and m["score_mean"] == pytest.approx(float(s.mean()))
+    assert "accuracy" not in head_agreement(rr.model, "pairwise", x, [None, None], torch.tensor([0.5]), pairs[:1])
 
 
 def test_growing_the_ensemble_keeps_the_scores():

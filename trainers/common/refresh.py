@@ -7,10 +7,13 @@ sec. 3.5) and of adversarial reward updates such as Adv-GRPO: every ``every`` it
 trainer floor (:meth:`visalign.trainers.base.Trainer.step`)
 
 1. draws ``samples`` training prompts and samples one image each from the *current* policy (ODE,
-   the run's evaluation steps and guidance unless set here), without gradient;
-2. has the judge (:mod:`visalign.rewards.judge`) label them, counting every label;
+   the run's evaluation steps and guidance unless set here), without gradient; for a pairwise
+   (Bradley-Terry) head two images each, from two seeds;
+2. has the judge (:mod:`visalign.rewards.judge`) label them (a pairwise head: compare each pair,
+   :meth:`~visalign.rewards.judge.Judge.compare`), counting every label;
 3. measures the head on the new labels (accuracy for a binary head, mean absolute error for a
-   rating head), fine-tunes it in place with the reward kit (:func:`visalign.rewards.head_train.update`:
+   rating head, the share of decided pairs ranked as the judge did for a pairwise head),
+   fine-tunes it in place with the reward kit (:func:`visalign.rewards.head_train.update`:
    each batch draws ``mix`` of its units from the labels of earlier rounds, the rest from the new
    ones) and measures it again;
 4. keeps the new labels in the label store for the next rounds' replay.
@@ -41,7 +44,8 @@ class RefreshSettings:
     Args:
         every (`int`): refresh before iterations ``every, 2 every, ...`` (0-based); 0 = never
             (the run is exactly the run without this section).
-        samples (`int`): images sampled from the current policy and labelled per refresh.
+        samples (`int`): images sampled from the current policy and labelled per refresh; for a
+            pairwise head, pairs (two images of one prompt each, one label per pair).
         judge: who labels: a reward spec string (``"shapes"``) or a mapping
             (:class:`visalign.rewards.judge.JudgeSettings`: ``reward`` + ``component`` /
             ``threshold``, ``function``, or ``folder`` + ``timeout_s``).
@@ -55,7 +59,8 @@ class RefreshSettings:
         steps / batch / lr: the kit's fine-tuning steps per refresh, units per step and learning rate.
         train_backbone (`bool`): also fine-tune a trainable backbone (``shapes-proxy``'s, a ``cnn``).
         max_labels (`int`, *optional*): the label budget: no refresh starts once this many labels
-            were given (a refresh that would exceed it labels only what is left).
+            were given (a refresh that would exceed it labels only what is left); a pair's label
+            counts one.
         num_steps / guidance_scale: sampling of the labelled images (default: the run's evaluation
             steps and guidance).
     """
@@ -136,13 +141,23 @@ def expand_ensemble(model, members: int) -> bool:
     return True
 
 
-def head_agreement(model, task: str, images: torch.Tensor, prompts: list, labels: torch.Tensor) -> dict:
-    """The head against labels: ``accuracy`` (binary: ``(score > 0.5) == (label > 0.5)``) or ``mae``
-    (rating), and the mean score."""
+def head_agreement(model, task: str, images: torch.Tensor, prompts: list, labels: torch.Tensor,
+                   pairs: torch.Tensor | None = None) -> dict:
+    """The head against labels: ``accuracy`` (binary: ``(score > 0.5) == (label > 0.5)``; pairwise,
+    over the pairs ``(a, b)`` of item indices whose label is not a tie (0.5):
+    ``(score_a > score_b) == (label > 0.5)``, absent when every pair is a tie) or ``mae`` (rating),
+    and the mean score of the items."""
     with torch.no_grad():
         scores = model(images.float(), prompts if model.uses_prompts else None)["score"].float().cpu()
     out = {"score_mean": float(scores.mean())}
-    if task == "binary":
+    if task == "pairwise":
+        if pairs is None:
+            raise ValueError("head_agreement: a pairwise head is measured on pairs; pass pairs=(P, 2) item indices")
+        decided = labels != 0.5
+        if decided.any():
+            agree = (scores[pairs[:, 0]] > scores[pairs[:, 1]]) == (labels > 0.5)
+            out["accuracy"] = float(agree[decided].float().mean())
+    elif task == "binary":
         out["accuracy"] = float(((scores > 0.5) == (labels > 0.5)).float().mean())
     else:
         out["mae"] = float((scores - labels).abs().mean())
@@ -154,7 +169,8 @@ class RewardRefresher:
 
     Args:
         settings: :class:`RefreshSettings`.
-        reward: the trained reward (a kit head: :class:`visalign.rewards.head.HeadReward`).
+        reward: the trained reward (a kit head: :class:`visalign.rewards.head.HeadReward`), binary,
+            rating or pairwise; a pairwise head is refreshed from pairs the judge compares.
         judge: a :class:`visalign.rewards.judge.Judge`.
         name: the reward's name in the recipe (for messages and metrics).
     """
@@ -166,8 +182,13 @@ class RewardRefresher:
                              "`head:path=DIR` trained with `visalign rewards train`, or shapes-proxy); only such a "
                              "head can be refreshed")
         if model.task == "pairwise":
-            raise ValueError(f"reward_refresh: {name!r} is a pairwise head; a refresh labels single images (binary "
-                             "or scalar labels): refresh a binary or rating head")
+            from visalign.rewards.judge import Judge
+
+            if isinstance(judge, Judge) and type(judge).label_pairs is Judge.label_pairs:
+                raise ValueError(f"reward_refresh: {name!r} is a pairwise (Bradley-Terry) head, refreshed from "
+                                 f"compared pairs, but the judge {judge.describe()} labels single images only; use a "
+                                 "reward, function or folder judge (each compares pairs) or refresh a binary or "
+                                 "rating head")
         self.settings, self.reward, self.judge, self.name = settings, reward, judge, name
         self.model = model
         self.rounds = 0
@@ -197,8 +218,14 @@ class RewardRefresher:
         order = torch.cat([torch.randperm(len(pool), generator=g) for _ in range(reps)])[:n]
         return [pool[i] for i in order.tolist()]
 
-    def sample(self, trainer, it: int) -> tuple[torch.Tensor, list[str], list]:
-        """``samples`` images of the current policy (no gradient) with their prompts and metadata."""
+    @property
+    def pairwise(self) -> bool:
+        """Whether the head learns from pairs (a Bradley-Terry head): the judge compares pairs."""
+        return self.model.task == "pairwise"
+
+    def _draw(self, trainer, it: int, per_prompt: int) -> tuple[torch.Tensor, list[str], list]:
+        """``per_prompt`` images of each of this round's prompts (prompt ``j``'s images are rows
+        ``j * per_prompt ...``, each from its own seed), with the prompts and metadata."""
         from visalign.samplers import collect
 
         from ..base import derive_seed
@@ -212,15 +239,56 @@ class RewardRefresher:
         guidance = s.guidance_scale if s.guidance_scale is not None else (
             trainer.run.eval_guidance_scale if trainer.run.eval_guidance_scale is not None else trainer.eval_guidance)
         with torch.no_grad():
-            out = collect(trainer.sampler, prompts, None, metadata=metadata,
+            out = collect(trainer.sampler, [p for p in prompts for _ in range(per_prompt)], None,
+                          metadata=[m for m in metadata for _ in range(per_prompt)],
                           num_steps=s.num_steps or trainer.run.eval_num_steps, guidance_scale=guidance,
-                          seeds=[base + j for j in range(n)], batch_size=s.batch_size, keep_images=True,
-                          autocast=trainer.acc.autocast, size=trainer.size)
+                          seeds=[base + j for j in range(n * per_prompt)], batch_size=s.batch_size,
+                          keep_images=True, autocast=trainer.acc.autocast, size=trainer.size)
         images = out.images
         if images.ndim == 5:
             raise ValueError("reward_refresh: refreshing a reward of video samples is not supported; refresh an image "
                              "reward")
         return images.float().clamp(0, 1), prompts, metadata
+
+    def sample(self, trainer, it: int) -> tuple[torch.Tensor, list[str], list]:
+        """``samples`` images of the current policy (no gradient) with their prompts and metadata."""
+        return self._draw(trainer, it, 1)
+
+    def sample_pairs(self, trainer, it: int) -> tuple[torch.Tensor, torch.Tensor, list[str], list]:
+        """``samples`` pairs of the current policy (no gradient): two images of each prompt from two
+        seeds, ``(images_a, images_b, prompts, metadata)``."""
+        images, prompts, metadata = self._draw(trainer, it, 2)
+        return images[0::2], images[1::2], prompts, metadata
+
+    def _ask(self, trainer, it: int):
+        """Sample and label this round: ``(new LabelledSet or None when the judge gave nothing,
+        sampling seconds)``; only finite labels are kept."""
+        from visalign.rewards.head_data import LabelledSet
+
+        t0 = time.perf_counter()
+        if self.pairwise:
+            images_a, images_b, prompts, metadata = self.sample_pairs(trainer, it)
+        else:
+            images, prompts, metadata = self.sample(trainer, it)
+        t_sample = time.perf_counter() - t0
+        if hasattr(self.judge, "write"):  # a folder judge: only the main process writes the round's files
+            self.judge.write = bool(trainer.acc.is_main_process)
+        if not self.pairwise:
+            labels = self.judge(images, prompts, metadata)
+            if labels is None:
+                return None, t_sample
+            keep = torch.isfinite(labels)
+            return LabelledSet.from_tensors(images[keep], [p for p, k in zip(prompts, keep.tolist()) if k],
+                                            labels[keep]), t_sample
+        labels = self.judge.compare(images_a, images_b, prompts, metadata)
+        if labels is None:
+            return None, t_sample
+        keep = torch.isfinite(labels)
+        kept = [p for p, k in zip(prompts, keep.tolist()) if k]
+        m = len(kept)  # items: the kept pairs' first images, then their second images
+        pairs = torch.stack([torch.arange(m), torch.arange(m) + m], 1)
+        return LabelledSet.from_tensors(torch.cat([images_a[keep], images_b[keep]]), kept + kept, None,
+                                        pairs=pairs, pair_labels=labels[keep]), t_sample
 
     def refresh(self, trainer, it: int) -> dict:
         """One round (module docstring); returns its metrics (``refresh/...``)."""
@@ -232,25 +300,21 @@ class RewardRefresher:
         s = self.settings
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
-            images, prompts, metadata = self.sample(trainer, it)
-            t_sample = time.perf_counter() - t0
-            if hasattr(self.judge, "write"):  # a folder judge: only the main process writes the round's files
-                self.judge.write = bool(trainer.acc.is_main_process)
-            labels = self.judge(images, prompts, metadata)
+            new, t_sample = self._ask(trainer, it)
             t_judge = time.perf_counter() - t0 - t_sample
             row: dict = {"refresh/round": self.rounds + 1}
-            if labels is None:
+            if new is None:
                 self.skipped += 1
                 row.update({"refresh/new_labels": 0, "refresh/skipped": self.skipped})
             else:
-                keep = torch.isfinite(labels)
-                new = LabelledSet.from_tensors(images[keep], [p for p, k in zip(prompts, keep.tolist()) if k],
-                                               labels[keep])
-                row["refresh/new_labels"] = len(new)
-                if len(new):
-                    row["refresh/label_mean"] = float(new.targets.mean())
+                row["refresh/new_labels"] = new.units
+                if new.units:
+                    targets = new.pair_labels if self.pairwise else new.targets
+                    row["refresh/label_mean"] = float(targets.mean())
                     imgs = new.image_batch(torch.arange(len(new)))
-                    before = head_agreement(self.model, self.model.task, imgs, new.prompts, new.targets)
+                    measure = lambda: head_agreement(self.model, self.model.task, imgs, new.prompts,  # noqa: E731
+                                                     targets, new.pairs)
+                    before = measure()
                     if s.ensemble is not None:
                         expand_ensemble(self.model, s.ensemble)
                     update(self.model, new, steps=s.steps, batch=s.batch, lr=s.lr, replay=self.store,
@@ -258,7 +322,7 @@ class RewardRefresher:
                            train_backbone=s.train_backbone, seed=derive_seed(trainer.run.seed, s.seed, it, 31) % (1 << 62),
                            log=lambda _msg: None, log_every=max(1, s.steps))
                     self.model.eval().requires_grad_(False)
-                    after = head_agreement(self.model, self.model.task, imgs, new.prompts, new.targets)
+                    after = measure()
                     for key, value in before.items():
                         row[f"refresh/{key}_before"] = value
                         row[f"refresh/{key}_after"] = after[key]
@@ -288,7 +352,8 @@ class RewardRefresher:
     def state_dict(self) -> dict:
         store = None
         if self.store is not None:
-            store = {"images": self.store.images, "prompts": list(self.store.prompts), "targets": self.store.targets}
+            store = {"images": self.store.images, "prompts": list(self.store.prompts), "targets": self.store.targets,
+                     "pairs": self.store.pairs, "pair_labels": self.store.pair_labels}
         return {"rounds": self.rounds, "skipped": self.skipped, "members": self.model.heads.members,
                 "head": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
                 "store": store, "judge": self.judge.state_dict()}
@@ -302,7 +367,8 @@ class RewardRefresher:
         self.model.eval().requires_grad_(False)
         self.rounds, self.skipped = int(state["rounds"]), int(state["skipped"])
         st = state.get("store")
-        self.store = None if st is None else LabelledSet.from_tensors(st["images"], st["prompts"], st["targets"])
+        self.store = None if st is None else LabelledSet.from_tensors(
+            st["images"], st["prompts"], st["targets"], pairs=st.get("pairs"), pair_labels=st.get("pair_labels"))
         self.judge.load_state_dict(state["judge"])
 
 
