@@ -8,6 +8,13 @@ included, the held-out evaluations excluded).  Left: gold strict accuracy on the
 right: the mean of the trained proxy on them (for a refresh run the refreshed head, and dashed the
 frozen shipped proxy when the run evaluated it under ``--frozen-proxy``'s name).
 
+Or from rows of the toy alignment bench (``bench/toy_alignment.py``: each row's ``points.jsonl``,
+the 243 x 4 evaluation, wall time = iterations only; the proxy is the frozen shipped one, and a
+refresh row's labels are read from its run's ``metrics.jsonl``)::
+
+    python bench/reward_refresh_toy.py --bench-row "DRaFT-1=runs/toy_bench/rows/reward_backprop" \
+        --bench-row "DRaFT-1 + refresh=runs/toy_bench/rows/reward_backprop_refresh" ... --out docs/img/reward_refresh_bench.png
+
 Usage::
 
     python bench/reward_refresh_toy.py --run "no refresh=runs/bp/k1" --run "refresh=runs/refresh/r" \
@@ -52,6 +59,34 @@ def load_run(run_dir: str | Path, frozen_proxy: str | None = None) -> dict:
     return out
 
 
+def load_bench_row(row_dir: str | Path) -> dict:
+    """A training row of the toy alignment bench as :func:`load_run`'s dict (``proxy`` is the
+    frozen shipped proxy the bench scores every evaluation with; ``frozen`` is empty)."""
+    row_dir = Path(row_dir)
+    points = sorted(_jsonl(row_dir / "points.jsonl"), key=lambda p: p["fraction"])
+    refresh_labels = {0: 0}
+    metrics = row_dir / "run" / "metrics.jsonl"
+    rows = _jsonl(metrics) if metrics.is_file() else []
+    for r in rows:
+        refresh_labels[int(r["iteration"])] = int(r.get("refresh/labels", 0))
+    out = {"iteration": [], "minutes": [], "gold": [], "proxy": [], "frozen": [], "labels": [], "per_tag": [],
+           "proxy_kind": "shipped",
+           "refreshes": [{k: r.get(k) for k in ("iteration", "refresh/new_labels", "refresh/label_mean",
+                                                "refresh/accuracy_before", "refresh/accuracy_after", "refresh/seconds")}
+                         for r in rows if "refresh/round" in r]}
+    for p in points:
+        it = int(p["iterations"])
+        known = [i for i in refresh_labels if i <= it]
+        out["iteration"].append(it)
+        out["minutes"].append(p["wall_seconds"] / 60)
+        out["gold"].append(p["overall_strict"])
+        out["proxy"].append(p["proxy"])
+        out["frozen"].append(None)
+        out["labels"].append(max(int(p["labels"]), refresh_labels[max(known)]))
+        out["per_tag"].append(p["per_category"])
+    return out
+
+
 def frozen_accuracy(run_dir: str | Path, proxy_dir: str, samples: int) -> list[float]:
     """The frozen proxy's accuracy on each refresh round's labelled samples (the label store of the
     run's newest checkpoint, ``samples`` per round), to set beside the refreshed head's
@@ -83,7 +118,8 @@ def plot(runs: dict[str, dict], out: Path, title: str) -> None:
         color = f"C{i}"
         label = name + (f" ({r['labels'][-1]} labels)" if r["labels"][-1] else "")
         a.plot(r["minutes"], r["gold"], "o-", color=color, label=label)
-        b.plot(r["minutes"], r["proxy"], "o-", color=color, label=name + (": refreshed proxy" if r["labels"][-1] else ""))
+        kind = ": shipped proxy" if r.get("proxy_kind") == "shipped" else (": refreshed proxy" if r["labels"][-1] else "")
+        b.plot(r["minutes"], r["proxy"], "o-", color=color, label=name + kind)
         if any(v is not None for v in r["frozen"]):
             b.plot(r["minutes"], r["frozen"], "s--", color=color, alpha=0.6, label=name + ": shipped proxy (frozen)")
     base = next(iter(runs.values()))["gold"][0]
@@ -114,7 +150,8 @@ def table(runs: dict[str, dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", action="append", required=True, help="NAME=RUN_DIR (repeat)")
+    ap.add_argument("--run", action="append", default=[], help="NAME=RUN_DIR (repeat)")
+    ap.add_argument("--bench-row", action="append", default=[], help="NAME=BENCH_OUT/rows/ROW (repeat)")
     ap.add_argument("--frozen-proxy", default=None, help="the eval reward name of the frozen shipped proxy")
     ap.add_argument("--out", default="docs/img/reward_refresh.png")
     ap.add_argument("--title", default="DRaFT-1 through shapes-proxy on toy-shapes, with and without reward refresh")
@@ -125,6 +162,11 @@ def main() -> None:
     for spec in args.run:
         name, _, path = spec.partition("=")
         runs[name] = load_run(path, args.frozen_proxy)
+    for spec in args.bench_row:
+        name, _, path = spec.partition("=")
+        runs[name] = load_bench_row(path)
+    if not runs:
+        ap.error("give at least one --run NAME=RUN_DIR or --bench-row NAME=ROW_DIR")
     plot(runs, Path(args.out), args.title)
     print(table(runs))
     for name, r in runs.items():

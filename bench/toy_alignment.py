@@ -253,6 +253,8 @@ def run_train_row(row: Row, args, judge: Judge, rdir: Path, base_point: dict) ->
         trainer.train(iterations=10 ** 9)
         samples = trainer.iteration * per_it + (labels_setup if offline else 0)
         labels = trainer.iteration * per_it * gold + labels_setup
+        if trainer.reward_refresh is not None:  # the refresh judge's labels (the gold verifier in the toy recipes)
+            labels += trainer.reward_refresh.labels
         with trainer.ema_weights():
             res = judge.model(trainer.sampler)
         point = {"fraction": f, "train_seconds": trainer.train_seconds, "setup_seconds": setup,
