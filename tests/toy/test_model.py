@@ -125,3 +125,27 @@ def test_pretrain_max_minutes_stops_on_the_wall_clock_and_continues(tmp_path):
     name, w = next(iter(shipped.unet.state_dict().items()))
     assert not torch.allclose(M.build(seed=0).unet.state_dict()[name], w, atol=0.05)
     assert torch.allclose(st["unet"][name], w, atol=0.05)  # one small step from the shipped weights
+
+
+def test_second_base_is_built_in_and_a_pretrain_init():
+    """``toy-shapes-cn`` (the base tuned on near-miss captions) loads by name like ``toy-shapes``, is
+    the same architecture with other weights, and names a pretraining start (lr 0 keeps it)."""
+    import tempfile
+    from pathlib import Path
+
+    import visalign.samplers as vs
+    from visalign.assets import asset_path
+    from visalign.toy.pretrain import pretrain
+
+    a, b = vs.load("toy-shapes"), vs.load("toy-shapes-cn")
+    assert b.family == "toy" and b.name == "toy-shapes-cn"
+    sa, sb = a.denoiser.state_dict(), b.denoiser.state_dict()
+    assert sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa)
+    with tempfile.TemporaryDirectory() as tmp:
+        pretrain(Path(tmp) / "run", steps=1, batch=2, ckpt_every=1, eval_every=0, threads=None, warmup=1,
+                 init="toy-shapes-cn", lr=0.0)
+        st = torch.load(Path(tmp) / "run" / "ckpt.pt", weights_only=True)
+    cn = M.load(str(asset_path("toy-shapes-cn")))
+    for name, t in cn.unet.state_dict().items():
+        assert torch.equal(st["unet"][name], t), name

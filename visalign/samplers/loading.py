@@ -34,8 +34,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "ToyShapesPipeline": ("toy", "toy:ToySampler"),
 }
 
-#: built-in names -> folder under the assets folder (:mod:`visalign.assets`)
-BUILTIN_MODELS = {"toy-shapes": "toy-shapes"}
+#: built-in names -> folder under the assets folder (:mod:`visalign.assets`): the toy world's base
+#: model and its second base, tuned on near-miss captions so that it follows prompts unreliably
+#: (docs/toy_world.md, "The second base")
+BUILTIN_MODELS = {"toy-shapes": "toy-shapes", "toy-shapes-cn": "toy-shapes-cn"}
 
 
 def _how_to_get(model: str) -> str:

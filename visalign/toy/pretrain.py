@@ -141,8 +141,8 @@ def pretrain(
             quite describe its image.  The model then learns a prompt-following error rate that
             alignment can remove, next to the drawing errors of a small model.
         init (`str`, *optional*): start from this saved toy-shapes model instead of random
-            weights (ignored when ``out_dir`` holds a checkpoint to resume); ``"toy-shapes"`` is
-            the shipped model.
+            weights (ignored when ``out_dir`` holds a checkpoint to resume); a built-in name
+            (``"toy-shapes"``, ``"toy-shapes-cn"``) is the shipped model of that name.
         max_minutes (`float`, *optional*): a wall-clock budget: stop (with a checkpoint and
             ``final/``) once the optimiser steps, resumed runs included, have taken this many
             minutes; evaluations and checkpoints are not counted.  Calling again with a larger
@@ -153,10 +153,13 @@ def pretrain(
         raise ValueError(f"caption_noise={caption_noise}: expected a probability in [0, 1)")
     if max_minutes is not None and not max_minutes > 0:
         raise ValueError(f"max_minutes={max_minutes}: expected a positive number of minutes or None (no budget)")
-    if init is not None and str(init) == "toy-shapes" and not Path(init).exists():
-        from visalign.assets import asset_path
+    if init is not None and not Path(init).exists():
+        from visalign.samplers.loading import BUILTIN_MODELS
 
-        init = asset_path("toy-shapes")
+        if str(init) in BUILTIN_MODELS:
+            from visalign.assets import asset_path
+
+            init = asset_path(BUILTIN_MODELS[str(init)])
     if threads:
         torch.set_num_threads(threads)
     out = Path(out_dir)
