@@ -396,6 +396,13 @@ def test_toy_pairs_are_base_samples_ranked_by_the_gold_verifier(tmp_path):
         assert r["chosen_score"] == pytest.approx(a.partial) and r["rejected_score"] == pytest.approx(b.partial)
     assert list(open_pairs(str(out)))[0].scores is not None
 
+    from visalign.toy.pairs import ensure_pairs
+    import visalign.samplers as vs
+
+    assert ensure_pairs(str(out), vs.load("toy-shapes")) == out  # the same base: reused as they are
+    with pytest.raises(ValueError, match="samples of 'toy-shapes', but this run trains 'toy-shapes-cn'"):
+        ensure_pairs(str(out), vs.load("toy-shapes-cn"))  # another base must not learn from these
+
 
 def test_latent_cache_reads_back_what_was_written(tmp_path):
     import visalign.samplers as vs

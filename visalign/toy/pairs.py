@@ -94,6 +94,12 @@ def ensure_pairs(folder: str, sampler=None, samples_per_prompt: int = 8, **optio
     ``toy-shapes``; 8 samples of every training prompt, 1,464 labels) when it has no
     ``summary.json`` yet: the ``toy:DIR`` pair source of DPO."""
     path = Path(folder).expanduser()
+    if (path / "summary.json").is_file() and sampler is not None:
+        made_by = json.loads((path / "summary.json").read_text()).get("model")
+        if made_by is not None and made_by != str(sampler.name):
+            raise ValueError(f"the preference pairs in {path} are samples of {made_by!r}, but this run trains "
+                             f"{sampler.name!r}: offline DPO learns from its own base's samples; point dpo.pairs at "
+                             f"another folder (toy:DIR, made on first use) or delete {path}")
     if not (path / "summary.json").is_file():
         summary = make_pairs(path, sampler if sampler is not None else "toy-shapes",
                              samples_per_prompt=samples_per_prompt, **options)
