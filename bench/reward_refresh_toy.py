@@ -128,7 +128,8 @@ def plot(runs: dict[str, dict], out: Path, title: str) -> None:
     a.set(xlabel="training wall time, minutes (one CPU thread)", ylabel="gold strict accuracy (held out)",
           title="gold verifier")
     b.set(xlabel="training wall time, minutes (one CPU thread)", ylabel="proxy mean P(strict) (held out)",
-          title="the trained proxy")
+          title="the shipped proxy (frozen)" if all(r.get("proxy_kind") == "shipped" for r in runs.values())
+          else "the trained proxy")
     a.legend(fontsize=8)
     b.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
