@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", help="prompt source: .txt / .jsonl / .json file or a registered set (toy:eval)")
-    p.add_argument("--lora", help="a LoRA folder to steer with (RUN/final of visalign train)")
+    p.add_argument("--lora", help="fine-tuned weights to steer with: RUN/final of visalign train (a LoRA, or the denoiser after full fine-tuning)")
     p.add_argument("--method", help="bon | fk | guidance | fk+guidance | search (default fk)")
     p.add_argument("--reward", help="steering reward spec (visalign rewards), e.g. shapes-proxy, aesthetic")
     p.add_argument("--guidance-reward", help="reward whose gradient guides (default: --reward)")
@@ -109,7 +109,7 @@ def _check_lora(cfg) -> None:
     from pathlib import Path
 
     if cfg.model.lora and not Path(cfg.model.lora).is_dir():
-        raise _Usage(f"--lora {cfg.model.lora}: no such folder; give a LoRA folder written by visalign train "
+        raise _Usage(f"--lora {cfg.model.lora}: no such folder; give the folder visalign train wrote "
                      "(RUN/final, or RUN/export/iter_N)")
 
 
@@ -173,9 +173,9 @@ def _steer(cfg) -> int:
     except ModelNotFoundError as err:
         raise _Usage(str(err)) from None
     if cfg.model.lora:
-        from visalign.samplers.lora import load_lora
+        from visalign.samplers.lora import load_finetuned
 
-        load_lora(sampler, cfg.model.lora)
+        load_finetuned(sampler, cfg.model.lora)
     try:
         reward = _load_reward(cfg.reward, cfg.reward_options)
         g_reward = None

@@ -118,18 +118,18 @@ def compare(cfg, *, lora: str | None, samples: int = 4, max_prompts: int | None 
         rows.append({"name": f"base ({cfg.model.name})",
                      **evaluate_sampler(sampler, metas, samples_per_prompt=samples, num_steps=10, progress=progress)})
     if lora:
-        from visalign.samplers.lora import load_lora
+        from visalign.samplers.lora import load_finetuned
 
-        load_lora(sampler, lora)
+        load_finetuned(sampler, lora)
         with torch.no_grad():
-            rows.append({"name": f"+ LoRA {lora}",
+            rows.append({"name": f"+ fine-tuned {lora}",
                          **evaluate_sampler(sampler, metas, samples_per_prompt=samples, num_steps=10,
                                             progress=progress)})
     steered = evaluate_steered(sampler, metas, reward, cfg, samples=samples, guidance_reward=g_reward,
                                progress=progress)
     steered.pop("images")
     what = f"{cfg.method} k = {cfg.particles} by {cfg.reward}"
-    rows.append({"name": f"{'+ LoRA, ' if lora else ''}steered: {what}", **steered})
+    rows.append({"name": f"{'+ fine-tuned, ' if lora else ''}steered: {what}", **steered})
     return {"rows": rows, "prompts": len(metas), "samples_per_prompt": samples}
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["add_lora", "save_lora", "load_lora", "lora_state_dict", "has_lora"]
+__all__ = ["add_lora", "save_lora", "load_lora", "load_finetuned", "lora_state_dict", "has_lora"]
 
 
 def has_lora(sampler) -> bool:
@@ -89,3 +89,27 @@ def load_lora(sampler, lora_dir: str | Path, adapter_name: str = "default") -> N
     sampler.denoiser.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=sampler.lora_prefix,
                                        adapter_name=adapter_name)
     sampler.denoiser.set_adapters([adapter_name])
+
+
+def load_finetuned(sampler, path: str | Path) -> str:
+    """Load what ``visalign train`` wrote to ``RUN/final`` (or ``RUN/export/iter_N``) onto ``sampler``:
+    a LoRA (``pytorch_lora_weights.safetensors``, :func:`load_lora`) or, after full fine-tuning
+    (``lora: null``), the denoiser's weights (``denoiser.safetensors``, loaded strictly: every key
+    of the denoiser, no other).  Returns ``"lora"`` or ``"full"``."""
+    p = Path(path)
+    if p.is_dir() and not (p / "pytorch_lora_weights.safetensors").is_file() and (p / "denoiser.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(p / "denoiser.safetensors"), device="cpu")
+        try:
+            sampler.denoiser.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{p / 'denoiser.safetensors'} does not fit the {sampler.name} denoiser (was it "
+                             f"fine-tuned from another base?): {str(err).splitlines()[0]}") from None
+        return "full"
+    if p.is_dir() and not (p / "pytorch_lora_weights.safetensors").is_file():
+        raise FileNotFoundError(f"no fine-tuned weights in {str(p)!r}: expected pytorch_lora_weights.safetensors "
+                                "(a LoRA) or denoiser.safetensors (full fine-tuning), as `visalign train` writes "
+                                "to RUN/final or RUN/export/iter_N")
+    load_lora(sampler, p)
+    return "lora"

@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pre.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU")
     ev = sub.add_parser("eval", help="GenEval-style accuracy on the held-out prompts")
     ev.add_argument("--model", default="toy-shapes", help="toy-shapes or a folder saved by pretrain")
-    ev.add_argument("--lora", default=None, help="a LoRA folder (e.g. RUN/final from visalign train)")
+    ev.add_argument("--lora", default=None, help="fine-tuned weights: RUN/final (a LoRA, or the denoiser after full fine-tuning) from visalign train")
     ev.add_argument("--samples-per-prompt", type=int, default=4)
     ev.add_argument("--steps", type=int, default=10, help="ODE steps (default 10)")
     ev.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, 3.0)")

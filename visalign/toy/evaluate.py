@@ -53,9 +53,9 @@ def evaluate_model(model: str = "toy-shapes", *, lora: str | None = None, sample
                              f"raise --samples-per-prompt to at least {k}")
     sampler = vs.load(model)
     if lora:
-        from visalign.samplers.lora import load_lora
+        from visalign.samplers.lora import load_finetuned
 
-        load_lora(sampler, lora)
+        load_finetuned(sampler, lora)
     result = evaluate_sampler(sampler, split("eval")[:max_prompts], samples_per_prompt=samples_per_prompt,
                               num_steps=num_steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
                               bf16=bf16, progress=progress, pass_at=pass_at)
@@ -124,7 +124,7 @@ def evaluate_sampler(sampler, metas: list[dict], *, samples_per_prompt: int = 4,
 
 
 def format_report(result: dict) -> str:
-    lines = [f"toy eval: {result['model']}" + (f" + LoRA {result['lora']}" if result["lora"] else ""),
+    lines = [f"toy eval: {result['model']}" + (f" + {result['lora']}" if result["lora"] else ""),
              f"{result['prompts']} prompts x {result['samples_per_prompt']} samples, {result['num_steps']} ODE steps, "
              f"CFG {result['guidance_scale']}, seed {result['seed']} ({result['seconds']} s)",
              "| category | strict accuracy |", "|---|---|"]
