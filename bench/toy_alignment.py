@@ -81,6 +81,8 @@ ROWS = [
     Row("nft", "train", "configs/toy/nft.yaml", note="gold verifier partial credit as reward"),
     Row("dpo_online", "train", "configs/toy/dpo_online.yaml", note="pairs ranked by shapes-proxy"),
     Row("dpo_offline", "train", "configs/toy/dpo_offline.yaml", note="base samples labelled by the gold verifier"),
+    Row("dpo_offline_strict", "train", "configs/toy/dpo_offline_cn.yaml",
+        note="full fine-tuning on pass-over-fail pairs labelled by the gold verifier, SFT on the winners"),
     Row("reward_backprop", "train", "configs/toy/reward_backprop.yaml", note="DRaFT-1 through shapes-proxy"),
     Row("reward_backprop_guarded", "train", "configs/toy/reward_backprop_guarded.yaml",
         note="DRaFT-1, gated KL + adaptive reference on a 4-member proxy (train runs/shapes_proxy_ensemble first)"),
@@ -214,12 +216,12 @@ def run_train_row(row: Row, args, judge: Judge, rdir: Path, base_point: dict) ->
     run_dir = rdir / "run"
     overrides = [f"run.run_dir={run_dir}", "run.progress=false", "run.threads=1", "data.eval=null",
                  "run.eval_every=0", "run.save_sample_grid=false", "run.checkpoint_every=25"]
-    if args.model != "toy-shapes":
-        overrides.append(f"model.name={args.model}")
+    overrides.append(f"model.name={args.model}")  # every row starts from the bench's base, whatever its recipe says
     recipe_probe = load_recipe(ROOT / row.recipe)
     offline = recipe_probe.algorithm == "dpo" and recipe_probe.config.mode == "offline"
-    if offline:  # the pairs are made inside the row (timed as setup), from the bench's base model
-        overrides.append(f"dpo.pairs=toy:{rdir / 'pairs'}")
+    if offline:  # the pairs are made inside the row (timed as setup), from the bench's base model, as the recipe
+        scheme = "toy-strict" if str(recipe_probe.config.pairs).startswith("toy-strict:") else "toy"  # makes them
+        overrides.append(f"dpo.pairs={scheme}:{rdir / 'pairs'}")
     overrides += row.overrides + args.sets.get(row.name, [])
     recipe = load_recipe(ROOT / row.recipe, overrides)
     setup_file = rdir / "setup.json"

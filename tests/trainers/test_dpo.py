@@ -404,6 +404,30 @@ def test_toy_pairs_are_base_samples_ranked_by_the_gold_verifier(tmp_path):
         ensure_pairs(str(out), vs.load("toy-shapes-cn"))  # another base must not learn from these
 
 
+def test_strict_toy_pairs_keep_only_a_pass_over_a_fail(tmp_path):
+    """``strict_only`` (the ``toy-strict:DIR`` source) keeps exactly the pass-over-fail pairs of the
+    same samples (same seeds, same labels): every winner passed the verifier, every loser failed;
+    a folder made with the other setting is refused rather than silently reused."""
+    import visalign.samplers as vs
+    from visalign.toy.pairs import ensure_pairs, make_pairs
+
+    sampler = vs.load("toy-shapes")
+    kw = dict(samples_per_prompt=4, max_prompts=40, num_steps=4, progress=False)
+    make_pairs(tmp_path / "all", sampler, **kw)
+    s = make_pairs(tmp_path / "strict", sampler, strict_only=True, **kw)
+    every = [json.loads(x) for x in (tmp_path / "all" / "pairs.jsonl").read_text().splitlines()]
+    strict = [json.loads(x) for x in (tmp_path / "strict" / "pairs.jsonl").read_text().splitlines()]
+    expected = [r for r in every if r["chosen_strict"] and not r["rejected_strict"]]
+    assert 0 < len(strict) < len(every) and s["strict_only"] is True
+    assert sorted((r["chosen"], r["rejected"]) for r in strict) == sorted((r["chosen"], r["rejected"]) for r in expected)
+    src = open_pairs("toy-strict:" + str(tmp_path / "strict"), sampler=sampler)
+    assert len(list(src)) == len(strict)
+    with pytest.raises(ValueError, match="made with strict_only"):
+        ensure_pairs(str(tmp_path / "strict"), sampler)
+    with pytest.raises(ValueError, match="made without strict_only"):
+        open_pairs("toy-strict:" + str(tmp_path / "all"), sampler=sampler)
+
+
 def test_latent_cache_reads_back_what_was_written(tmp_path):
     import visalign.samplers as vs
 

@@ -77,10 +77,13 @@ def test_toy_recipe_runs_one_iteration_on_the_shipped_model(recipe_file, tmp_pat
     run = tmp_path / "run"
     overrides = ["run.iterations=1", f"run.run_dir={run}", "data.eval_max_prompts=2", "run.eval_num_steps=2",
                  "run.progress=false", "run.save_sample_grid=false"]
-    if _algorithm(CONFIGS / recipe_file) == "dpo" and load_recipe(CONFIGS / recipe_file).config.mode == "offline":
+    shipped = load_recipe(CONFIGS / recipe_file)
+    if shipped.algorithm == "dpo" and shipped.config.mode == "offline":
         from visalign.toy.pairs import make_pairs  # a small pair folder instead of the recipe's 1,464 labels
 
-        assert make_pairs(tmp_path / "pairs", samples_per_prompt=3, max_prompts=8, num_steps=4, progress=False)["pairs"]
+        strict = str(shipped.config.pairs).startswith("toy-strict:")  # pass-over-fail pairs only: more samples
+        assert make_pairs(tmp_path / "pairs", shipped.model.name, samples_per_prompt=6 if strict else 3,
+                          max_prompts=24 if strict else 8, num_steps=4, strict_only=strict, progress=False)["pairs"]
         overrides.append(f"dpo.pairs={tmp_path / 'pairs'}")
     overrides += _tiny_proxy_ensemble_for(load_recipe(CONFIGS / recipe_file), tmp_path)
     recipe = load_recipe(CONFIGS / recipe_file, overrides)
@@ -90,7 +93,8 @@ def test_toy_recipe_runs_one_iteration_on_the_shipped_model(recipe_file, tmp_pat
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["reward/valid_fraction"] == 1.0
     assert 0 < rows[0]["reward/mean"] <= 1 and rows[0]["optimizer_steps"] >= 1
-    assert summary["final"] and (run / "final" / "pytorch_lora_weights.safetensors").is_file()
+    written = "pytorch_lora_weights.safetensors" if recipe.lora is not None else "denoiser.safetensors"  # full FT
+    assert summary["final"] and (run / "final" / written).is_file()
     if recipe.guards.kl_gate_quantile is not None:  # the gate sees the ensemble's spread: part of the batch is free
         assert 0 < rows[0]["kl/gated_fraction"] < 1
 

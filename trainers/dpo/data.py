@@ -87,6 +87,7 @@ def pair_sources() -> list[str]:
 
 
 register_pair_source("toy", "visalign.toy.pairs:ensure_pairs")
+register_pair_source("toy-strict", "visalign.toy.pairs:ensure_strict_pairs")
 
 
 def _registered(spec: str):

@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pp.add_argument("--max-prompts", type=int, default=None, help="use the first N training prompts")
     pp.add_argument("--max-pairs-per-prompt", type=int, default=None,
                     help="keep the N clearest pairs of each prompt (default: every ordered pair)")
+    pp.add_argument("--strict-only", action="store_true",
+                    help="only pairs of a strict pass over a fail (the toy-strict:DIR source of DPO)")
     pp.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default auto: the cores other processes leave free)")
 
@@ -62,7 +64,7 @@ def run(args) -> int:
             configure_threads(args.threads)
             s = make_pairs(args.out, args.model, samples_per_prompt=args.samples_per_prompt, num_steps=args.steps,
                            guidance_scale=args.guidance, seed=args.seed, max_prompts=args.max_prompts,
-                           max_pairs_per_prompt=args.max_pairs_per_prompt)
+                           max_pairs_per_prompt=args.max_pairs_per_prompt, strict_only=args.strict_only)
         except (ModelNotFoundError, FileNotFoundError, ValueError) as err:
             print(f"visalign toy pairs: error: {err}", file=sys.stderr)
             return 2
