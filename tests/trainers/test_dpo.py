@@ -399,9 +399,11 @@ def test_toy_pairs_are_base_samples_ranked_by_the_gold_verifier(tmp_path):
     from visalign.toy.pairs import ensure_pairs
     import visalign.samplers as vs
 
-    assert ensure_pairs(str(out), vs.load("toy-shapes")) == out  # the same base: reused as they are
+    assert ensure_pairs(str(out), vs.load("toy-shapes"), samples_per_prompt=3) == out  # same base: reused as they are
     with pytest.raises(ValueError, match="samples of 'toy-shapes', but this run trains 'toy-shapes-cn'"):
-        ensure_pairs(str(out), vs.load("toy-shapes-cn"))  # another base must not learn from these
+        ensure_pairs(str(out), vs.load("toy-shapes-cn"), samples_per_prompt=3)  # another base must not learn these
+    with pytest.raises(ValueError, match="made with 3 samples per prompt, but 8 were asked for"):
+        ensure_pairs(str(out), vs.load("toy-shapes"))  # the default 8: not silently the 3 made before
 
 
 def test_strict_toy_pairs_keep_only_a_pass_over_a_fail(tmp_path):
@@ -420,12 +422,17 @@ def test_strict_toy_pairs_keep_only_a_pass_over_a_fail(tmp_path):
     expected = [r for r in every if r["chosen_strict"] and not r["rejected_strict"]]
     assert 0 < len(strict) < len(every) and s["strict_only"] is True
     assert sorted((r["chosen"], r["rejected"]) for r in strict) == sorted((r["chosen"], r["rejected"]) for r in expected)
-    src = open_pairs("toy-strict:" + str(tmp_path / "strict"), sampler=sampler)
+    opts = {"samples_per_prompt": 4}  # dpo.pairs_options
+    src = open_pairs("toy-strict:" + str(tmp_path / "strict"), sampler=sampler, options=opts)
     assert len(list(src)) == len(strict)
     with pytest.raises(ValueError, match="made with strict_only"):
-        ensure_pairs(str(tmp_path / "strict"), sampler)
+        ensure_pairs(str(tmp_path / "strict"), sampler, **opts)
     with pytest.raises(ValueError, match="made without strict_only"):
-        open_pairs("toy-strict:" + str(tmp_path / "all"), sampler=sampler)
+        open_pairs("toy-strict:" + str(tmp_path / "all"), sampler=sampler, options=opts)
+    with pytest.raises(ValueError, match="not an option of the toy-strict: source"):
+        open_pairs("toy-strict:" + str(tmp_path / "strict"), sampler=sampler, options={"samples": 4})
+    with pytest.raises(ValueError, match="applies to a registered source"):
+        open_pairs(str(tmp_path / "strict"), options=opts)
 
 
 def test_latent_cache_reads_back_what_was_written(tmp_path):

@@ -85,6 +85,9 @@ def test_toy_recipe_runs_one_iteration_on_the_shipped_model(recipe_file, tmp_pat
         assert make_pairs(tmp_path / "pairs", shipped.model.name, samples_per_prompt=6 if strict else 3,
                           max_prompts=24 if strict else 8, num_steps=4, strict_only=strict, progress=False)["pairs"]
         overrides.append(f"dpo.pairs={tmp_path / 'pairs'}")
+        if shipped.config.pairs_options:  # the recipe's source options: through its own scheme, on the small folder
+            overrides[-1] = f"dpo.pairs={str(shipped.config.pairs).partition(':')[0]}:{tmp_path / 'pairs'}"
+            overrides.append(f"dpo.pairs_options={{samples_per_prompt: {6 if strict else 3}}}")
     overrides += _tiny_proxy_ensemble_for(load_recipe(CONFIGS / recipe_file), tmp_path)
     recipe = load_recipe(CONFIGS / recipe_file, overrides)
     trainer = build_trainer(recipe)

@@ -8,7 +8,7 @@ source and the deviations.  The rollout geometry of the online mode is :class:`G
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..common.groups import GroupConfig
 
@@ -61,6 +61,9 @@ class DPOConfig(GroupConfig):
     #: label_0), a folder (or .jsonl file) of pairs {prompt, chosen, rejected}, a hub dataset id
     #: (needs `pip install visalign[datasets]`), or a registered source such as toy:DIR
     pairs: str | None = None
+    #: keyword options of a registered source, e.g. {samples_per_prompt: 16} for toy:DIR / toy-strict:DIR
+    #: (used only when the source makes its data; an error for a plain file, folder or hub id)
+    pairs_options: dict = field(default_factory=dict)
     #: the split of a hub dataset
     split: str = "train"
     #: use the first N pairs of the source (after ties are dropped); None = all

@@ -99,12 +99,23 @@ def _registered(spec: str):
 
 
 # ---- opening a source ---------------------------------------------------------------------------
-def open_pairs(spec: str, *, split: str = "train", max_pairs: int | None = None, sampler=None) -> PairSource:
-    """The pair source named by ``spec`` (see the module docstring).  Errors name the spec and what
-    would be accepted."""
+def open_pairs(spec: str, *, split: str = "train", max_pairs: int | None = None, sampler=None,
+               options: dict | None = None) -> PairSource:
+    """The pair source named by ``spec`` (see the module docstring); ``options`` are keyword
+    options of a registered source (``dpo.pairs_options``).  Errors name the spec and what would be
+    accepted."""
     fn, arg = _registered(spec)
     if fn is not None:
-        spec = str(fn(arg, sampler=sampler))
+        try:
+            spec = str(fn(arg, sampler=sampler, **(options or {})))
+        except TypeError as err:
+            if "unexpected keyword" not in str(err):
+                raise
+            raise ValueError(f"dpo.pairs_options {options}: not an option of the {spec.partition(':')[0]}: source "
+                             f"({err})") from None
+    elif options:
+        raise ValueError(f"dpo.pairs_options {options} applies to a registered source "
+                         f"({', '.join(s + ':...' for s in pair_sources())}), not to {spec!r}")
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "pairs.jsonl").is_file():
         return _limit(_jsonl_source(path / "pairs.jsonl"), max_pairs)

@@ -207,7 +207,8 @@ class DPOTrainer(GroupTrainer):
             frames = c.num_frames or (getattr(self.sampler, "num_frames", None) if self.sampler.is_video else None)
             with self.acc.main_process_first():
                 with self.sampler.reference():  # a registered source may sample the base model
-                    source = open_pairs(c.pairs, split=c.split, max_pairs=c.max_pairs, sampler=self.sampler)
+                    source = open_pairs(c.pairs, split=c.split, max_pairs=c.max_pairs, sampler=self.sampler,
+                                        options=c.pairs_options)
                 self._cache = build_latent_cache(
                     source, self.sampler, cache_root(c.latent_cache, self.run_dir), height=h, width=w, num_frames=frames,
                     hflip=c.hflip, dtype=c.cache_dtype, num_workers=c.num_workers,

@@ -99,6 +99,12 @@ def ensure_pairs(folder: str, sampler=None, samples_per_prompt: int = 8, strict_
     ``toy-shapes``; 8 samples of every training prompt, 1,464 labels) when it has no
     ``summary.json`` yet: the ``toy:DIR`` pair source of DPO (``toy-strict:DIR`` with
     ``strict_only``).  A folder made by another base, or with the other ``strict_only``, is refused."""
+    import inspect
+
+    known = set(inspect.signature(make_pairs).parameters) - {"out", "model", "samples_per_prompt", "strict_only"}
+    if set(options) - known:
+        raise TypeError(f"ensure_pairs() got an unexpected keyword argument {sorted(set(options) - known)[0]!r} "
+                        f"(options: samples_per_prompt, {', '.join(sorted(known))})")
     path = Path(folder).expanduser()
     source = "toy-strict" if strict_only else "toy"
     if (path / "summary.json").is_file():
@@ -108,6 +114,11 @@ def ensure_pairs(folder: str, sampler=None, samples_per_prompt: int = 8, strict_
             raise ValueError(f"the preference pairs in {path} are samples of {made_by!r}, but this run trains "
                              f"{sampler.name!r}: offline DPO learns from its own base's samples; point dpo.pairs at "
                              f"another folder ({source}:DIR, made on first use) or delete {path}")
+        made_with = summary.get("samples_per_prompt")
+        if made_with is not None and int(made_with) != int(samples_per_prompt):
+            raise ValueError(f"the preference pairs in {path} were made with {made_with} samples per prompt, but "
+                             f"{samples_per_prompt} were asked for (dpo.pairs_options.samples_per_prompt); point "
+                             f"dpo.pairs at another folder or delete {path}")
         if bool(summary.get("strict_only", False)) != bool(strict_only):
             other = "toy-strict" if not strict_only else "toy"
             raise ValueError(f"the preference pairs in {path} were made {'with' if not strict_only else 'without'} "
