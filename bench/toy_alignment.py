@@ -219,8 +219,8 @@ def run_train_row(row: Row, args, judge: Judge, rdir: Path, base_point: dict) ->
     overrides.append(f"model.name={args.model}")  # every row starts from the bench's base, whatever its recipe says
     recipe_probe = load_recipe(ROOT / row.recipe)
     offline = recipe_probe.algorithm == "dpo" and recipe_probe.config.mode == "offline"
-    if offline:  # the pairs are made inside the row (timed as setup), from the bench's base model, as the recipe
-        scheme = "toy-strict" if str(recipe_probe.config.pairs).startswith("toy-strict:") else "toy"  # makes them
+    if offline:  # the pairs are made inside the row (timed as setup), from the bench's base model, by the
+        scheme = str(recipe_probe.config.pairs).partition(":")[0]  # recipe's own toy source (toy: or toy-strict:)
         overrides.append(f"dpo.pairs={scheme}:{rdir / 'pairs'}")
     overrides += row.overrides + args.sets.get(row.name, [])
     recipe = load_recipe(ROOT / row.recipe, overrides)

@@ -106,13 +106,7 @@ def open_pairs(spec: str, *, split: str = "train", max_pairs: int | None = None,
     accepted."""
     fn, arg = _registered(spec)
     if fn is not None:
-        try:
-            spec = str(fn(arg, sampler=sampler, **(options or {})))
-        except TypeError as err:
-            if "unexpected keyword" not in str(err):
-                raise
-            raise ValueError(f"dpo.pairs_options {options}: not an option of the {spec.partition(':')[0]}: source "
-                             f"({err})") from None
+        spec = str(fn(arg, sampler=sampler, **(options or {})))
     elif options:
         raise ValueError(f"dpo.pairs_options {options} applies to a registered source "
                          f"({', '.join(s + ':...' for s in pair_sources())}), not to {spec!r}")

@@ -97,19 +97,19 @@ def load_finetuned(sampler, path: str | Path) -> str:
     (``lora: null``), the denoiser's weights (``denoiser.safetensors``, loaded strictly: every key
     of the denoiser, no other).  Returns ``"lora"`` or ``"full"``."""
     p = Path(path)
-    if p.is_dir() and not (p / "pytorch_lora_weights.safetensors").is_file() and (p / "denoiser.safetensors").is_file():
+    if p.is_dir() and not (p / "pytorch_lora_weights.safetensors").is_file():
+        full = p / "denoiser.safetensors"
+        if not full.is_file():
+            raise FileNotFoundError(f"no fine-tuned weights in {str(p)!r}: expected pytorch_lora_weights.safetensors "
+                                    "(a LoRA) or denoiser.safetensors (full fine-tuning), as `visalign train` writes "
+                                    "to RUN/final or RUN/export/iter_N")
         from safetensors.torch import load_file
 
-        state = load_file(str(p / "denoiser.safetensors"), device="cpu")
         try:
-            sampler.denoiser.load_state_dict(state, strict=True)
+            sampler.denoiser.load_state_dict(load_file(str(full), device="cpu"), strict=True)
         except RuntimeError as err:
-            raise ValueError(f"{p / 'denoiser.safetensors'} does not fit the {sampler.name} denoiser (was it "
-                             f"fine-tuned from another base?): {str(err).splitlines()[0]}") from None
+            raise ValueError(f"{full} does not fit the {sampler.name} denoiser (was it fine-tuned from another "
+                             f"base?): {str(err).splitlines()[0]}") from None
         return "full"
-    if p.is_dir() and not (p / "pytorch_lora_weights.safetensors").is_file():
-        raise FileNotFoundError(f"no fine-tuned weights in {str(p)!r}: expected pytorch_lora_weights.safetensors "
-                                "(a LoRA) or denoiser.safetensors (full fine-tuning), as `visalign train` writes "
-                                "to RUN/final or RUN/export/iter_N")
     load_lora(sampler, p)
     return "lora"

@@ -101,12 +101,12 @@ def ensure_pairs(folder: str, sampler=None, samples_per_prompt: int = 8, strict_
     ``strict_only``).  A folder made by another base, or with the other ``strict_only``, is refused."""
     import inspect
 
+    source = "toy-strict" if strict_only else "toy"
     known = set(inspect.signature(make_pairs).parameters) - {"out", "model", "samples_per_prompt", "strict_only"}
     if set(options) - known:
-        raise TypeError(f"ensure_pairs() got an unexpected keyword argument {sorted(set(options) - known)[0]!r} "
-                        f"(options: samples_per_prompt, {', '.join(sorted(known))})")
+        raise ValueError(f"dpo.pairs_options {options}: {sorted(set(options) - known)[0]!r} is not an option of the "
+                         f"{source}: source (options: samples_per_prompt, {', '.join(sorted(known))})")
     path = Path(folder).expanduser()
-    source = "toy-strict" if strict_only else "toy"
     if (path / "summary.json").is_file():
         summary = json.loads((path / "summary.json").read_text())
         made_by = summary.get("model")
