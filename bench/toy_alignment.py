@@ -10,7 +10,8 @@ Each row of the method table is one way to make ``toy-shapes`` follow its prompt
   the trainer floor's wall-clock budget (``run.max_minutes``) instead of its iteration count;
 - steering rows: a recipe of ``configs/steer/`` (inference only: no training budget; its cost is the
   seconds and denoiser calls per image);
-- a combination: a training row's final LoRA, then steered.
+- a combination: a training row's final weights (its LoRA, or its denoiser after full fine-tuning), then
+  steered.
 
 Training rows (and the oracle) are evaluated at fractions of the budget (``--fractions``, default
 1/4, 1/2, 3/4, 1), so each draws a curve of gold accuracy against wall time.  Every evaluation is
@@ -69,7 +70,7 @@ class Row:
     recipe: str | None = None
     #: key=value overrides of the recipe (the bench's own come first)
     overrides: list[str] = field(default_factory=list)
-    #: combo: the training row whose final LoRA is steered
+    #: combo: the training row whose final weights (LoRA or full fine-tuning) are steered
     lora_from: str | None = None
     note: str = ""
 
@@ -103,6 +104,10 @@ ROWS = [
         note="the offline-DPO LoRA, then best-of-4 by shapes-proxy"),
     Row("dpo_offline+fk4_proxy", "combo", "configs/steer/toy_fk.yaml", lora_from="dpo_offline",
         note="the offline-DPO LoRA, then FK k = 4 by shapes-proxy"),
+    Row("dpo_offline_strict+bon4", "combo", "configs/steer/toy_bon.yaml", lora_from="dpo_offline_strict",
+        note="the strict-pair full fine-tuning, then best-of-4 by shapes-proxy"),
+    Row("dpo_offline_strict+fk4_proxy", "combo", "configs/steer/toy_fk.yaml", lora_from="dpo_offline_strict",
+        note="the strict-pair full fine-tuning, then FK k = 4 by shapes-proxy (the README's main job on the bench)"),
 ]
 
 
@@ -327,9 +332,9 @@ def run_steer_row(row: Row, args, judge: Judge, rdir: Path, results: dict) -> di
         if lora is None or not lora.is_dir():
             raise RuntimeError(f"row {row.name} steers the final LoRA of row {row.lora_from!r}, which is not done in "
                                f"{args.out}: run `--only {row.lora_from}` first")
-        from visalign.samplers.lora import load_lora
+        from visalign.samplers.lora import load_finetuned
 
-        load_lora(sampler, str(lora))
+        load_finetuned(sampler, str(lora))  # a LoRA or a full fine-tuning's denoiser.safetensors
     reward = _load_reward(cfg.reward, cfg.reward_options)
     g_reward = None
     if cfg.method in ("guidance", "fk+guidance"):
@@ -421,7 +426,7 @@ def table(results: dict[str, dict]) -> tuple[str, list[dict]]:
             recipe = (f"`python -m visalign.toy.pretrain --init {r.get('model')} --max-minutes B` (full, lr {o['lr']:g}, "
                       f"EMA {o['ema_decay']:g}, batch {o['batch']})")
         if r.get("lora_from"):
-            recipe = f"{recipe} on the `{r['lora_from']}` LoRA"
+            recipe = f"{recipe} on `{r['lora_from']}`'s final weights"
         if r.get("overrides"):
             recipe += " " + " ".join(f"`{o}`" for o in r["overrides"])
         delta = "" if base is None else f"{ev['overall_strict'] - base:+.3f}"

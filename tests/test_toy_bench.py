@@ -90,6 +90,39 @@ def test_bench_end_to_end_resumes_and_reruns_one_row(bench, tmp_path):
     assert json.loads((out / "table.json").read_text())["rows"][3]["overall_strict"] == bon["overall_strict"]
 
 
+@pytest.mark.slow  # about 20 s
+def test_combination_row_steers_a_full_fine_tuning(bench, tmp_path):
+    """A combination row steers its training row's final weights, a full fine-tuning's denoiser as well as a
+    LoRA: here a "fine-tuning" whose output layer is zero (velocity 0: every sample stays noise, which the
+    verifier fails), so best-of-4 over it scores 0 where best-of-4 over the base does not."""
+    import torch
+    from safetensors.torch import save_file
+
+    import visalign.samplers as vs
+
+    out = tmp_path / "bench"
+    common = ["--out", str(out), "--eval-prompts", "6", "--eval-samples", "1"]
+    bench.main(common + ["--only", "base", "bon4"])
+    results = bench.load_results(out)
+    assert results["bon4"]["eval"]["overall_strict"] > 0
+    final = tmp_path / "ft" / "final"
+    final.mkdir(parents=True)
+    sd = vs.load("toy-shapes").denoiser.state_dict()
+    save_file({k: (torch.zeros_like(v) if k.startswith("conv_out.") else v).contiguous() for k, v in sd.items()},
+              str(final / "denoiser.safetensors"))
+    ev = results["base"]["eval"]
+    point = {"fraction": 1.0, "wall_seconds": 60.0, "train_seconds": 60.0, "iterations": 1, "samples": 1, "labels": 0,
+             "overall_strict": ev["overall_strict"], "proxy": ev["proxy"]}
+    planted = dict(results["base"], name="dpo_offline_strict", kind="train", lora=str(final), points=[point])
+    (out / "rows" / "dpo_offline_strict").mkdir()
+    (out / "rows" / "dpo_offline_strict" / "result.json").write_text(json.dumps(planted))
+    ran = bench.main(common + ["--only", "dpo_offline_strict+bon4"])
+    assert ran["ran"] == ["dpo_offline_strict+bon4"]
+    combo = bench.load_results(out)["dpo_offline_strict+bon4"]
+    assert combo["steer"]["lora"] == str(final) and combo["eval"]["overall_strict"] == 0.0
+    assert "`dpo_offline_strict`'s final weights" in (out / "table.md").read_text()
+
+
 def test_bench_rejects_bad_arguments(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--only", "no_such_row"])
