@@ -84,6 +84,8 @@ ROWS = [
     Row("dpo_offline", "train", "configs/toy/dpo_offline.yaml", note="base samples labelled by the gold verifier"),
     Row("dpo_offline_strict", "train", "configs/toy/dpo_offline_cn.yaml",
         note="full fine-tuning on pass-over-fail pairs labelled by the gold verifier, SFT on the winners"),
+    Row("dpo_offline_strict_lora", "train", "configs/toy/dpo_offline_cn_lora.yaml",
+        note="the same pairs and losses as dpo_offline_strict, as a rank-32 LoRA on attention and convolutions"),
     Row("reward_backprop", "train", "configs/toy/reward_backprop.yaml", note="DRaFT-1 through shapes-proxy"),
     Row("reward_backprop_guarded", "train", "configs/toy/reward_backprop_guarded.yaml",
         note="DRaFT-1, gated KL + adaptive reference on a 4-member proxy (train runs/shapes_proxy_ensemble first)"),
