@@ -477,7 +477,7 @@ def plot(results: dict[str, dict], out_png: Path) -> None:
     ax.set_xlabel("wall time, one CPU thread (min; training iterations + setup)")
     ax.set_ylabel("gold strict accuracy (GenEval mean)")
     any_r = next(iter(results.values()), {})
-    ax.set_title(f"toy alignment bench: {any_r.get('eval_prompts')} eval prompts x {any_r.get('eval_samples')} samples, "
+    ax.set_title(f"toy alignment bench on {any_r.get('model', '?')}: {any_r.get('eval_prompts')} eval prompts x {any_r.get('eval_samples')} samples, "
                  f"budget {any_r.get('budget_minutes')} min", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
