@@ -9,7 +9,7 @@ import torch
 import visalign.samplers as vs
 from visalign.rewards import Reward, RewardInfo, RewardOutput
 from visalign.samplers import CFGDenoiser, ode_step
-from visalign.samplers.kernels import predict_x0
+from visalign.samplers.kernels import flow_sde_step, predict_x0
 from visalign.trainers import RewardBackpropConfig, RunSettings, registry
 
 from tests_support import Brightness
@@ -80,6 +80,10 @@ def test_backprop_is_registered_and_config_errors_teach():
     with pytest.raises(ValueError, match="refl_first_step"):
         RewardBackpropConfig(method="refl", num_steps=10, refl_first_step=10)
     assert RewardBackpropConfig(num_steps=40).refl_steps() == (30, 39)  # ReFL: 30..39 of 40
+    with pytest.raises(ValueError, match="refl_prefix must be one of stochastic, ode, got 'ddpm'"):
+        RewardBackpropConfig(method="refl", refl_prefix="ddpm")
+    with pytest.raises(ValueError, match="refl_noise_level must be >= 0"):
+        RewardBackpropConfig(method="refl", refl_noise_level=-1.0)
 
 
 def test_a_reward_without_gradient_is_an_error_that_names_it_and_points_to_grpo(make):
@@ -196,10 +200,14 @@ def test_draft_lv_scores_one_step_denoisings_of_the_renoised_final_sample(make):
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
-def test_refl_loss_is_relu_of_target_minus_reward_on_the_x0_prediction(make, monkeypatch):
-    """ReFL: ODE steps without gradient to a random late step m, one prediction with gradient, its
-    x0-estimate decoded; loss = lambda relu(target - r).  Above the target nothing is learnt."""
-    tr = make(method="refl", num_steps=4, refl_first_step=2, refl_last_step=3, reward_weight=0.5, refl_target=10.0)
+@pytest.mark.parametrize("prefix", ["stochastic", "ode"])
+def test_refl_loss_is_relu_of_target_minus_reward_on_the_x0_prediction(make, monkeypatch, prefix):
+    """ReFL: steps without gradient to a random late step m (on a flow model Flow-GRPO's SDE by
+    default, the Euler ODE with refl_prefix: ode), one prediction with gradient, its x0-estimate
+    decoded; loss = lambda relu(target - r).  Above the target nothing is learnt."""
+    tr = make(method="refl", num_steps=4, refl_first_step=2, refl_last_step=3, reward_weight=0.5, refl_target=10.0,
+              refl_prefix=prefix)
+    assert tr.refl_prefix_kernel() == ("flow_sde" if prefix == "stochastic" else "ode", {})
     loss, g, stats = backprop(tr, seed=1)
     m = stats["refl_step"]
     assert m in (2, 3) and g.norm() > 0
@@ -212,7 +220,10 @@ def test_refl_loss_is_relu_of_target_minus_reward_on_the_x0_prediction(make, mon
         x = s.noise(2, gen, **SIZE)
         sched = s.schedule(4, x)
         for i in range(m):
-            x = ode_step(den(x, i, sched, cond), x, sched, i).prev_sample
+            if prefix == "stochastic":
+                x = flow_sde_step(den(x, i, sched, cond), x, sched, i, generator=gen, noise_level=0.7).prev_sample
+            else:
+                x = ode_step(den(x, i, sched, cond), x, sched, i).prev_sample
         r = Brightness()(s.decode(predict_x0(den(x, m, sched, cond), x, sched, m))).scores
     assert loss == pytest.approx(float((0.5 * torch.relu(10.0 - r)).mean()), rel=1e-5)
     steps = {int(tr.micro_batch(PROMPTS[:2], torch.Generator().manual_seed(sd))[1]["refl_step"]) for sd in range(12)}
@@ -220,6 +231,74 @@ def test_refl_loss_is_relu_of_target_minus_reward_on_the_x0_prediction(make, mon
     tr.config.refl_target = -1.0  # every reward is above it
     loss, g, _ = backprop(tr, seed=1)
     assert loss == 0.0 and float(g.norm()) == 0.0
+
+
+def _ddpm_ancestral_step(pred, x, ab_t, ab_prev, parameterization, z):
+    """DDPM's ancestral step (Ho et al. 2020, eq. 6-7), the step of the ReFL reference's
+    DDPMScheduler between two timesteps of the inference schedule (beta = 1 - ab_t / ab_prev):
+    x' = sqrt(ab_prev) beta / (1 - ab_t) x0 + sqrt(1 - beta) (1 - ab_prev) / (1 - ab_t) x
+         + sqrt((1 - ab_prev) / (1 - ab_t) beta) z."""
+    if parameterization == "eps":
+        x0 = (x - (1 - ab_t).sqrt() * pred) / ab_t.sqrt()
+    else:  # v
+        x0 = ab_t.sqrt() * x - (1 - ab_t).sqrt() * pred
+    beta = 1 - ab_t / ab_prev
+    mean = ab_prev.sqrt() * beta / (1 - ab_t) * x0 + (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab_t) * x
+    return mean + ((1 - ab_prev) / (1 - ab_t) * beta).sqrt() * z
+
+
+@pytest.mark.parametrize("variant", ["eps", "v"])
+def test_refl_prefix_is_the_references_ddpm_ancestral_sampling(make, variant):
+    """ReFL's reference runs the steps before m with diffusers' DDPMScheduler (40 steps, stochastic).
+    The default prefix on eps / v models (DDIM, eta = 1) equals DDPM's ancestral step formula and
+    the DDPMScheduler loop itself, noise for noise; two generators give different x_m from the same
+    initial noise, while refl_prefix: ode (DDIM eta = 0) gives the same x_m for both."""
+    from diffusers import DDPMScheduler
+
+    tr = make(family="sd", variant=variant, method="refl", num_steps=6, refl_first_step=4, refl_last_step=5)
+    assert tr.refl_prefix_kernel() == ("ddim", {})
+    s, m = tr.sampler, 4
+    cond = tr.encode([r["prompt"] for r in PROMPTS[:2]])
+    den = CFGDenoiser(s, 2.0)
+    x_init = s.noise(2, torch.Generator().manual_seed(0), **SIZE).float()
+    sched = s.schedule(6, x_init)
+    x_a = tr.refl_prefix(x_init, m, sched, cond, torch.Generator().manual_seed(1))
+    x_b = tr.refl_prefix(x_init, m, sched, cond, torch.Generator().manual_seed(2))
+    assert (x_a - x_b).abs().max() > 1e-2  # stochastic: different noise, different pre-step latents
+
+    # the formula, with the noise drawn in the same order
+    gen = torch.Generator().manual_seed(1)
+    x = x_init
+    with torch.no_grad():
+        for i in range(m):
+            z = torch.randn(x.shape, generator=gen)
+            x = _ddpm_ancestral_step(den(x, i, sched, cond), x, sched.alpha_cumprod(i, x),
+                                     sched.alpha_cumprod_prev(i, x), variant, z)
+    assert torch.allclose(x_a, x, atol=1e-5)
+    # the reference's scheduler (SD1.x / 2.x configs do not clip x0)
+    ddpm = DDPMScheduler.from_config(s.pipeline.scheduler.config, clip_sample=False)
+    ddpm.set_timesteps(6)
+    assert torch.equal(ddpm.timesteps.long(), sched.timesteps.long().cpu())
+    gen = torch.Generator().manual_seed(1)
+    x = x_init
+    with torch.no_grad():
+        for i, t in enumerate(ddpm.timesteps[:m]):
+            x = ddpm.step(den(x, i, sched, cond), t, x, generator=gen).prev_sample
+    assert torch.allclose(x_a, x, atol=1e-5)
+
+    tr.config.refl_prefix = "ode"
+    assert tr.refl_prefix_kernel() == ("ode", {})
+    x_a = tr.refl_prefix(x_init, m, sched, cond, torch.Generator().manual_seed(1))
+    x_b = tr.refl_prefix(x_init, m, sched, cond, torch.Generator().manual_seed(2))
+    assert torch.equal(x_a, x_b)
+    x = x_init
+    with torch.no_grad():
+        for i in range(m):
+            x = ode_step(den(x, i, sched, cond), x, sched, i).prev_sample
+    assert torch.equal(x_a, x)
+    tr.config.refl_prefix, tr.config.refl_noise_level = "stochastic", 0.0  # eta = 0 is the ODE too
+    assert tr.refl_prefix_kernel() == ("ddim", {"eta": 0.0})
+    assert torch.allclose(tr.refl_prefix(x_init, m, sched, cond, torch.Generator().manual_seed(2)), x_b, atol=1e-6)
 
 
 def test_prediction_anchor_is_zero_at_init_and_has_the_l2_gradient(make):

@@ -1,6 +1,7 @@
 """Inference-time steering (docs/steering.md): resampling statistics, FK invariants (k = 1 is the
 plain SDE rollout, lambda = 0 is k independent rollouts, resampling keeps the count and a
-consistent lineage, the final weight makes every path's potentials multiply to exp(lambda r)),
+consistent lineage, the final weights equal the reference code's, and with final_numerator: reward
+every path's potentials multiply to exp(lambda r)),
 guidance (scale 0 is unguided, a guided rollout raises a differentiable reward) and every method
 on every family."""
 
@@ -81,9 +82,10 @@ def test_multinomial_variance_exceeds_systematic():
 
 @pytest.mark.parametrize("potential", ["difference", "max", "sum", "immediate"])
 def test_potentials_multiply_to_the_target(potential):
-    """Along any path, the intermediate potentials times the final weight equal exp(lambda r(x0)):
-    the target is p(x0) exp(lambda r(x0)) whatever the potential."""
-    cfg = FKConfig(lam=3.0, potential=potential, resampling="systematic", final_resample=False)
+    """With ``final_numerator: reward``, along any path the intermediate potentials times the final
+    weight equal exp(lambda r(x0)): the target is p(x0) exp(lambda r(x0)) whatever the potential."""
+    cfg = FKConfig(lam=3.0, potential=potential, resampling="systematic", final_resample=False,
+                   final_numerator="reward")
     hook = FKHook(None, None, cfg, 2, 10, metadata=[None] * 2, denoiser=None, compute=Compute())
     hook._reset(2)
     seq = [torch.tensor([0.2, 0.9]), torch.tensor([0.5, 0.1]), torch.tensor([0.4, 0.3])]
@@ -98,6 +100,93 @@ def test_potentials_multiply_to_the_target(potential):
     hook.finalize(final, None)
     # carried log-weight = sum of all potentials on the path = lambda * r(x0)
     assert torch.allclose(hook.log_w.flatten(), 3.0 * final.double())
+
+
+def _reference_fk_weights(rewards, parents, potential, lam, reward_min_value=0.0):
+    """The FK reference implementation's normalised weights at every resampling step and the
+    final step (Singhal et al. 2025, ``fkd_class.py``, resampling at every step of the schedule),
+    transcribed for one group of k particles.
+
+    ``rewards[t] (k,)``: the scores of the particles present at resampling step t (the last entry
+    is the final step); ``parents[t] (k,)``: the ancestors drawn at step t (all but the final one).
+    Each particle carries ``population_rs`` (starts at ``reward_min_value``) and the product of the
+    potentials it received; at the final step ``w = exp(lambda * rs) / product`` for max / sum /
+    immediate (``rs`` after the running max / sum update), the plain potential for difference."""
+    k = rewards[0].shape[0]
+    population_rs = torch.full((k,), reward_min_value, dtype=torch.float64)
+    product = torch.ones(k, dtype=torch.float64)
+    last = len(rewards) - 1
+    out = []
+    for t, rs in enumerate(rewards):
+        rs = rs.double()
+        if potential == "max":
+            rs = torch.max(rs, population_rs)
+            w = torch.exp(lam * rs)
+        elif potential == "sum":
+            rs = rs + population_rs
+            w = torch.exp(lam * rs)
+        elif potential == "difference":
+            w = torch.exp(lam * (rs - population_rs))
+        else:
+            w = torch.exp(lam * rs)
+        if t == last:
+            if potential in ("max", "sum", "immediate"):
+                w = torch.exp(lam * rs) / product
+            return out + [w / w.sum()]
+        out.append(w / w.sum())
+        idx = torch.as_tensor(parents[t])
+        population_rs = rs[idx]
+        product = product[idx] * w[idx]
+
+
+# 2 groups x 3 particles; 3 intermediate resampling steps and the final scores (group 1 scores
+# below 0 throughout, so the max potential's floor at 0 matters)
+_FK_REWARDS = [torch.tensor([-0.4, 0.3, 0.1, -0.6, -0.2, -0.05]), torch.tensor([0.2, -0.5, 0.7, -0.1, -0.4, -0.3]),
+               torch.tensor([-0.3, 0.1, 0.5, -0.2, -0.9, -0.6]), torch.tensor([0.35, -0.25, 0.15, -0.8, -0.4, -0.1])]
+
+
+@pytest.mark.parametrize("potential,max_start", [("difference", 0.0), ("max", 0.0), ("max", None), ("sum", 0.0),
+                                                 ("immediate", 0.0)])
+def test_final_weights_equal_the_reference_implementation(potential, max_start):
+    """FK's final weights (default ``final_numerator: potential``) equal the reference code's on
+    the same ancestry: ``exp(lambda S_T) / prod G`` with ``S_T`` the running max (from 0) or the
+    running sum including r_T; the ESS of every intermediate resampling step is the reference's
+    too.  ``max_start: null`` is the reference with ``reward_min_value = -inf``.  With
+    ``final_numerator: reward`` max and sum differ."""
+    lam, k = 2.0, 3
+    weights = {}
+    for numerator in ("potential", "reward"):
+        cfg = FKConfig(lam=lam, potential=potential, max_start=max_start, final_resample=False,
+                       final_numerator=numerator)
+        hook = FKHook(None, None, cfg, k, 10, metadata=[None] * 2 * k, denoiser=None, compute=Compute(), seed=3)
+        hook._reset(2 * k)
+        for t, r in enumerate(_FK_REWARDS[:-1]):
+            assert hook.weigh(r, t) is not None  # not adaptive: every step resamples
+        res = hook.finalize(_FK_REWARDS[-1], None)
+        weights[numerator] = res["weights"].double()
+        if numerator == "potential":
+            events = hook.events
+    for g in range(2):
+        rows = slice(g * k, (g + 1) * k)
+        ref = _reference_fk_weights([r[rows] for r in _FK_REWARDS], [ev["parents"][g] for ev in events], potential,
+                                    lam, -math.inf if max_start is None else max_start)
+        assert [ev["ess"][g] for ev in events] == pytest.approx([float(1 / (w**2).sum()) for w in ref[:-1]], abs=1e-9)
+        assert torch.allclose(weights["potential"][g], ref[-1], atol=1e-6), (g, weights["potential"][g], ref[-1])
+    if potential in ("max", "sum"):
+        assert not torch.allclose(weights["potential"], weights["reward"], atol=1e-3)
+    else:
+        assert torch.allclose(weights["potential"], weights["reward"], atol=1e-7)
+
+
+def test_max_potential_starts_from_zero_like_the_reference():
+    """The reference's running max starts at reward_min_value = 0: negative first scores all get the
+    potential exp(0); max_start: null starts from the particle's own first score."""
+    r = torch.tensor([-0.5, -0.1, 0.3], dtype=torch.float64)
+    for start, expected in ((0.0, [0.0, 0.0, 0.6]), (None, [-1.0, -0.2, 0.6])):
+        hook = FKHook(None, None, FKConfig(lam=2.0, potential="max", max_start=start), 3, 10, metadata=[None] * 3,
+                      denoiser=None, compute=Compute())
+        hook._reset(3)
+        assert hook._log_potential(r).tolist() == pytest.approx(expected)
 
 
 def test_fk_with_one_particle_is_the_plain_sde_rollout(sd3):
@@ -351,6 +440,8 @@ def test_config_errors_teach():
         FKConfig(potential="maximum")
     with pytest.raises(ValueError, match="resampling must be one of"):
         FKConfig(resampling="residual")
+    with pytest.raises(ValueError, match=r"final_numerator must be one of \['potential', 'reward'\], got 'target'"):
+        FKConfig(final_numerator="target")
     with pytest.raises(ValueError, match="window"):
         FKConfig(resample_start=5, resample_end=2)
     with pytest.raises(ValueError, match="schedule must be one of"):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..base import OptimConfig
 
-__all__ = ["RewardBackpropConfig", "METHODS"]
+__all__ = ["RewardBackpropConfig", "METHODS", "REFL_PREFIXES"]
 
 #: the methods and what carries the gradient in each
 METHODS = {
@@ -21,6 +21,9 @@ METHODS = {
     "alignprop": "the last K steps with K drawn per rollout in [min_grad_steps, grad_steps] (AlignProp; Prabhudesai et al. 2023)",
     "refl": "one step at a random late step, scored on its x0-prediction with relu(refl_target - r) (ReFL; Xu et al. 2023)",
 }
+
+#: ReFL's steps before the trained one: stochastic (the reference's DDPM ancestral steps) or ode
+REFL_PREFIXES = ("stochastic", "ode")
 
 
 @dataclass
@@ -40,8 +43,15 @@ class RewardBackpropConfig(OptimConfig):
     refl_last_step: int | None = None
     #: ReFL's target: loss = reward_weight * relu(refl_target - r); 2.0 on ImageReward's scale
     refl_target: float = 2.0
+    #: ReFL's steps before m (no gradient): "stochastic" (the reference's DDPM ancestral steps: the
+    #: ddim kernel, eta = 1 being DDPM's step exactly, for eps / v models; Flow-GRPO's SDE flow_sde
+    #: for flow models) or "ode" (DDIM eta = 0 / Euler: deterministic)
+    refl_prefix: str = "stochastic"
+    #: the stochastic prefix's noise: DDIM's eta (eps / v) or flow_sde's a (flow); null = 1.0 / 0.7
+    refl_noise_level: float | None = None
     # ---- rollout ----------------------------------------------------------------------------------
-    #: sampling steps of a training rollout (ODE: Euler for flow models, DDIM eta = 0 otherwise)
+    #: sampling steps of a training rollout (ODE: Euler for flow models, DDIM eta = 0 otherwise;
+    #: ReFL's steps before m: refl_prefix)
     num_steps: int = 50
     #: CFG scale of the rollout; the gradient goes through the guided prediction, so the model is
     #: trained at the scale it samples with (evaluation uses it too unless run.eval_guidance_scale)
@@ -85,6 +95,10 @@ class RewardBackpropConfig(OptimConfig):
         need(0 <= first <= last <= self.num_steps - 1,
              f"refl_first_step / refl_last_step must satisfy 0 <= first <= last <= num_steps - 1 "
              f"({self.num_steps - 1}); got {self.refl_first_step} / {self.refl_last_step} (resolved {first} / {last})")
+        need(self.refl_prefix in REFL_PREFIXES,
+             f"refl_prefix must be one of {', '.join(REFL_PREFIXES)}, got {self.refl_prefix!r}")
+        need(self.refl_noise_level is None or self.refl_noise_level >= 0,
+             f"refl_noise_level must be >= 0 or null (the kernel's default), got {self.refl_noise_level}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.gradient_accumulation >= 1, f"gradient_accumulation must be >= 1, got {self.gradient_accumulation}")
         need(self.reward_weight > 0, f"reward_weight must be > 0, got {self.reward_weight}")

@@ -14,7 +14,10 @@ last sampling steps (docs/reward_backprop.md has the equations):
   with gradient; ``loss = -lambda mean_j r(x_0^j)``.
 - **ReFL** (Xu et al. 2023, "ImageReward", sec. 4.2): denoise without gradient to a random late step
   ``m``, one prediction with gradient, its x0-estimate decoded and scored,
-  ``loss = lambda relu(target - r)``.
+  ``loss = lambda relu(target - r)``.  The steps before ``m`` are stochastic by default, as the
+  reference's DDPM ancestral steps: DDIM with eta = 1 (DDPM's posterior step, Ho et al. 2020,
+  eq. 6-7) for eps / v models, Flow-GRPO's SDE for flow models; ``refl_prefix="ode"`` makes them
+  deterministic.
 
 Every denoiser call that carries gradient is checkpointed (``checkpoint``), so memory stays nearly
 flat in ``K``.  The rollout's CFG scale is the one the gradient goes through.  ``kl_beta`` adds an
@@ -30,7 +33,7 @@ from typing import Mapping
 import torch
 
 from visalign.samplers import CFGDenoiser, ode_step
-from visalign.samplers.kernels import predict_x0
+from visalign.samplers.kernels import get_kernel, predict_x0
 
 from ..base import Trainer, derive_seed
 from .config import RewardBackpropConfig
@@ -214,18 +217,39 @@ class RewardBackpropTrainer(Trainer):
         meta = [m for m in metadata for _ in range(n)]
         return self.decode(x_next), [p for p in prompts for _ in range(n)], meta
 
+    def refl_prefix_kernel(self) -> tuple[str, dict]:
+        """The kernel (name, options) of ReFL's steps before ``m``: ``refl_prefix="stochastic"`` is
+        ``ddim`` (eta = ``refl_noise_level``, default 1: DDPM's ancestral step, as the reference's
+        DDPMScheduler) for eps / v models and ``flow_sde`` (a = ``refl_noise_level``, default 0.7)
+        for flow models; ``"ode"`` is the deterministic step."""
+        c = self.config
+        if c.refl_prefix == "ode":
+            return "ode", {}
+        if self.sampler.parameterization == "flow":
+            return "flow_sde", {} if c.refl_noise_level is None else {"noise_level": float(c.refl_noise_level)}
+        return "ddim", {} if c.refl_noise_level is None else {"eta": float(c.refl_noise_level)}
+
+    def refl_prefix(self, x: torch.Tensor, m: int, schedule, cond, generator) -> torch.Tensor:
+        """ReFL's steps ``0 .. m - 1`` from ``x``, without gradient, with :meth:`refl_prefix_kernel`
+        (its noise drawn from ``generator``); returns ``x_m``."""
+        name, options = self.refl_prefix_kernel()
+        kernel = get_kernel(name, self.sampler.parameterization)
+        den = self.denoiser()
+        with torch.no_grad():
+            for i in range(m):
+                x = kernel(den(x, i, schedule, cond), x, schedule, i, generator=generator, **options).prev_sample
+        return x
+
     def _refl(self, cond, generator, anchor):
-        """ReFL: ODE steps without gradient up to a random late step ``m``, then one prediction with
-        gradient and its x0-estimate."""
+        """ReFL: steps without gradient (stochastic by default, :meth:`refl_prefix`) up to a random
+        late step ``m``, then one prediction with gradient and its x0-estimate."""
         c = self.config
         first, last = c.refl_steps()
         m = int(torch.randint(first, last + 1, (1,), generator=generator))
-        den = self.denoiser()
         with torch.no_grad():
             x = self.sampler.noise(len(cond), generator, **self.size).to(self.sampler.device, torch.float32)
             schedule = self.sampler.schedule(c.num_steps, x)
-            for i in range(m):
-                x = ode_step(den(x, i, schedule, cond), x, schedule, i).prev_sample
+        x = self.refl_prefix(x, m, schedule, cond, generator)
         pred = self._call(x, m, schedule, cond)
         if c.kl_beta > 0:
             anchor.terms.append(self.anchor(pred, x, m, schedule, cond))

@@ -10,8 +10,17 @@ Potentials (the particle's own history of scores ``r_s`` at the resampling steps
 - ``sum``: ``G_t = exp(lambda sum_{s<=t} r_s)``;
 - ``immediate``: ``G_t = exp(lambda r_t)``.
 
-Final step: ``G_T = exp(lambda r(x0)) / prod_t G_t`` over the potentials the particle's ancestry
-received, so that the product of all potentials along any path is ``exp(lambda r(x0))``.
+The running max starts from ``max_start`` (the reference's ``reward_min_value``, 0), so ``max`` is
+``exp(lambda max(0, r_1, ..., r_t))`` by default.
+
+Final step: ``G_T = exp(lambda S_T) / prod_t G_t`` over the potentials the particle's ancestry
+received.  By default (``final_numerator="potential"``, the reference implementation's
+``fkd_class.py``) ``S_T`` is the potential's own statistic with the final reward ``r_T = r(x0)``
+included: the running max ``max(max_start, r_1, ..., r_T)`` for ``max``, the running sum
+``r_1 + ... + r_T`` for ``sum``, ``r_T`` for ``difference`` and ``immediate``.  With
+``final_numerator="reward"``, ``S_T = r(x0)`` for every potential, so that the product of all
+potentials along any path is ``exp(lambda r(x0))`` and the weighted particles target
+``p(x0) exp(lambda r(x0))`` exactly (for ``difference`` and ``immediate`` the two coincide).
 
 This is standard sequential Monte Carlo: each particle carries a log-weight; potentials add to it;
 resampling (multinomial, stratified or systematic) draws ancestors by the normalised weights and
@@ -39,6 +48,7 @@ __all__ = ["FKConfig", "FKHook", "fk_steer", "POTENTIALS", "default_kernel"]
 
 POTENTIALS = ("difference", "max", "sum", "immediate")
 SELECT = ("best", "weighted")
+FINAL_NUMERATORS = ("potential", "reward")
 
 
 @dataclass
@@ -50,6 +60,9 @@ class FKConfig:
     lam: float = 10.0
     #: difference, max, sum or immediate (module docstring)
     potential: str = "difference"
+    #: the max potential's running max starts from this value (the reference's reward_min_value, 0);
+    #: null starts it from the particle's first score (no floor, for rewards that are often negative)
+    max_start: float | None = 0.0
     #: multinomial, stratified or systematic
     resampling: str = "multinomial"
     #: resample at steps start, start + every, ... <= end (step indices, 0-based), then at the end
@@ -59,8 +72,12 @@ class FKConfig:
     #: resample only where ESS < ess_threshold * k (weights are carried otherwise)
     adaptive: bool = False
     ess_threshold: float = 0.5
-    #: apply the final weight exp(lambda r(x0)) / prod G_t and resample if ESS < ess_threshold * k
+    #: apply the final weight exp(lambda S_T) / prod G_t and resample if ESS < ess_threshold * k
     final_resample: bool = True
+    #: S_T of the final weight: potential (the reference's: the potential's statistic with r(x0)
+    #: included, the running max for max, the running sum for sum) or reward (S_T = r(x0) for every
+    #: potential: the exact target p(x0) exp(lambda r(x0))); difference and immediate: the same
+    final_numerator: str = "potential"
     #: score a few-step ODE look-ahead (this many denoiser calls per particle) instead of the
     #: one-step x0-prediction (0)
     lookahead: int = 0
@@ -82,6 +99,8 @@ class FKConfig:
             raise ValueError(f"fk.resampling must be one of {sorted(SCHEMES)}, got {self.resampling!r}")
         if self.select not in SELECT:
             raise ValueError(f"fk.select must be one of {list(SELECT)}, got {self.select!r}")
+        if self.final_numerator not in FINAL_NUMERATORS:
+            raise ValueError(f"fk.final_numerator must be one of {list(FINAL_NUMERATORS)}, got {self.final_numerator!r}")
         if self.resample_every < 1:
             raise ValueError(f"fk.resample_every must be >= 1 (steps between resamplings), got {self.resample_every}")
         if self.resample_start < 0 or (self.resample_end is not None and self.resample_end < self.resample_start):
@@ -158,7 +177,8 @@ class FKHook:
         self.log_w = torch.zeros(g, self.k, dtype=torch.float64)
         self.log_applied = torch.zeros(b, dtype=torch.float64)
         self.r_prev = torch.zeros(b, dtype=torch.float64)
-        self.r_max = torch.full((b,), -torch.inf, dtype=torch.float64)
+        start = -torch.inf if self.config.max_start is None else float(self.config.max_start)
+        self.r_max = torch.full((b,), start, dtype=torch.float64)
         self.r_sum = torch.zeros(b, dtype=torch.float64)
         self.events: list[dict] = []
         self.history: list[tuple[str, torch.Tensor | None, torch.Tensor]] = []
@@ -192,6 +212,15 @@ class FKHook:
             out = lam * r
         self.r_prev = r
         return out
+
+    def _final_statistic(self, r: torch.Tensor) -> torch.Tensor:
+        """``S_T`` of the final weight ``exp(lambda S_T) / prod G_t`` for final rewards ``r``."""
+        p = self.config.potential
+        if self.config.final_numerator == "reward" or p in ("difference", "immediate"):
+            return r
+        if p == "max":
+            return torch.maximum(self.r_max, r)
+        return self.r_sum + r
 
     def _proposal_log_ratio(self, state) -> torch.Tensor:
         """``log p(x_{i+1} | x_i) - log q(x_{i+1} | x_i)`` per row: base over guided transition."""
@@ -247,13 +276,18 @@ class FKHook:
                                   keep=self.keep_history)
         self.compute.reward_calls += b
         r = self._clean(r)
-        log_g = self._log_potential(r)
-        self.log_w += log_g.view(self.groups, self.k)
-        self.log_applied += log_g
         if self.keep_history:
             self.history.append((f"step {state.i + 1}", images, r.float()))
-        idx = self._resample(state.i)
+        idx = self.weigh(r, state.i)
         return None if idx is None else HookResult(indices=idx.to(state.latents.device))
+
+    def weigh(self, r: torch.Tensor, step: int) -> torch.Tensor | None:
+        """Multiply the potential of the scores ``r (B,)`` after step ``step`` into the weights and
+        resample; returns the row indices of the new particles, or None (no change)."""
+        log_g = self._log_potential(r.to(torch.float64))
+        self.log_w += log_g.view(self.groups, self.k)
+        self.log_applied += log_g
+        return self._resample(step)
 
     def finalize(self, scores: torch.Tensor, images: torch.Tensor | None) -> dict:
         """The final weight and selection for the batch that just finished.
@@ -261,7 +295,7 @@ class FKHook:
         Returns ``order (B,)`` (final row order after the final resampling), ``chosen (G,)`` (index
         within each group), ``rewards (B,)`` and ``weights (G, k)`` in that order."""
         r = self._clean(scores)
-        log_final = float(self.config.lam) * r - self.log_applied
+        log_final = float(self.config.lam) * self._final_statistic(r) - self.log_applied
         self.log_w += log_final.view(self.groups, self.k)
         if self.keep_history:
             self.history.append(("final", images, r.float()))
