@@ -121,12 +121,11 @@ def test_gated_velocity_anchor_in_nft_is_zero_for_low_uncertainty_samples(make_t
     batch = tr.collect_groups(1)
     w = batch.kl_weight
     assert w is not None and 0 < float(w.sum()) < len(w)
-    rows = torch.arange(len(w))
-    draws = tr._draws(batch.traj, rows, torch.Generator().manual_seed(3), True)
+    draws = tr._draws(batch.traj, torch.Generator().manual_seed(3))
     adv = torch.zeros(len(w))
-    t = draws["steps"][0]
-    plain, p_stats = tr._loss(batch.traj, 0, t, adv, draws, rows)
-    gated, g_stats = tr._loss(batch.traj, 0, t, adv, draws, rows, w)
+    levels, x0, eps = draws["levels"][:, 0], draws["x0"], draws["eps"][:, 0]
+    plain, p_stats = tr._loss(batch.traj, levels, x0, eps, adv, None)
+    gated, g_stats = tr._loss(batch.traj, levels, x0, eps, adv, None, w)
     assert float(p_stats["kl"].min()) > 0
     assert torch.equal(g_stats["kl"][w == 0], torch.zeros(int((w == 0).sum())))
     assert torch.allclose(g_stats["kl"][w == 1], p_stats["kl"][w == 1])
