@@ -4,7 +4,7 @@ Each run is a folder written by ``visalign train`` (``eval.jsonl``, ``metrics.js
 through ``shapes-proxy`` with and without ``reward_refresh`` (configs/toy/reward_backprop.yaml and
 configs/toy/reward_backprop_refresh.yaml).  The x axis is the run's training wall time: the sum of
 ``time/iteration`` up to each evaluation (the refresh's sampling, labelling and head fine-tuning
-included, the held-out evaluations excluded).  Left: gold strict accuracy on the held-out prompts;
+included, the held-out evaluations excluded).  Left: gold strict accuracy on the evaluation prompts;
 right: the mean of the trained proxy on them (for a refresh run the refreshed head, and dashed the
 frozen shipped proxy when the run evaluated it under ``--frozen-proxy``'s name).
 

@@ -88,12 +88,16 @@ class DataConfig:
 
 @dataclass
 class HeadConfig:
-    """Each member's MLP.  ``hidden``: hidden widths (``[]`` = linear).  ``use_prompt``: with a
-    frozen CLIP backbone, read ``[i, t, i * t]`` of the image and prompt embeddings (a DINOv2
-    backbone has no text tower: set it false)."""
+    """Each member's MLP.  ``hidden``: hidden widths (``[]`` = linear).  ``use_prompt``: whether
+    the score depends on the prompt.  With a frozen CLIP backbone the head reads ``[i, t, i * t]``
+    of the image and prompt embeddings; a trainable backbone conditions on the prompt itself or
+    not at all (``shapes-proxy`` does, ``cnn`` reads images only).  Unset (``null``), it follows
+    the backbone: true for CLIP and prompt-reading backbones, false for DINOv2 and ``cnn``.  A
+    value the backbone cannot honour (``true`` on an image-only backbone, ``false`` on one that
+    always reads the prompt) is an error."""
 
     hidden: list[int] = field(default_factory=lambda: [256])
-    use_prompt: bool = True
+    use_prompt: bool | None = None
 
     def __post_init__(self) -> None:
         if any(h < 1 for h in self.hidden):
@@ -175,9 +179,30 @@ class RewardTrainConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r}: choose one of {list(TASKS)}")
-        if self.backbone.frozen and self.head.use_prompt and not self.backbone.has_text:
-            raise ValueError(f"backbone.kind={self.backbone.kind!r} has no text tower: set head.use_prompt: false "
-                             "(or use a CLIP backbone to condition on the prompt)")
+        kind = self.backbone.kind
+        reads = self.backbone.has_text if self.backbone.frozen else _trainable_reads_prompts(kind)
+        if self.head.use_prompt is None:
+            self.head.use_prompt = bool(reads)
+        elif self.head.use_prompt and not reads:
+            what = "has no text tower" if self.backbone.frozen else "reads images only"
+            raise ValueError(f"head.use_prompt: true cannot be honoured: backbone.kind={kind!r} {what}, so the "
+                             "score could not depend on the prompt. Set head.use_prompt: false (or leave it unset) "
+                             "for an image-only head, or use a backbone that reads the prompt (a frozen CLIP: "
+                             "backbone.kind: open_clip)")
+        elif not self.head.use_prompt and reads and not self.backbone.frozen:
+            raise ValueError(f"head.use_prompt: false cannot be honoured: backbone.kind={kind!r} always reads the "
+                             "prompt. Leave head.use_prompt unset (or true), or use an image-only backbone (cnn)")
+
+
+def _trainable_reads_prompts(kind: str) -> bool:
+    """Whether a trainable backbone conditions on the prompt (its class's ``uses_prompts``)."""
+    from .head import TRAINABLE_BACKBONES
+
+    target = TRAINABLE_BACKBONES.get(kind)
+    if target is None:  # BackboneConfig names the valid kinds
+        return False
+    module_name, _, attr = target.partition(":")
+    return bool(getattr(getattr(importlib.import_module(module_name), attr), "uses_prompts", False))
 
 
 def recipe_path(name_or_path: str | os.PathLike) -> Path:

@@ -88,13 +88,34 @@ def test_rewards_catalogue_lists_rewards(capsys):
 
 def test_real_import_errors_surface(capsys, monkeypatch):
     """A command whose visalign module fails to import shows that ImportError (a broken install or
-    a bug), not "not implemented"; `steer` is a real command now (tests/trainers/test_steer_recipes.py)."""
+    a bug), not a generic message."""
     from visalign import cli
 
-    assert "steer" not in cli.PLANNED
     monkeypatch.setitem(cli.COMMANDS, "score", ("score", *cli._delegate("visalign.gallery.no_such_module")))
     with pytest.raises(ModuleNotFoundError, match="visalign.gallery.no_such_module"):
         main(["score", "x.png"])
+
+
+def test_recipes_lists_shows_and_resolves_names(capsys, tmp_path, monkeypatch):
+    from visalign.config import ConfigError, read_yaml
+    from visalign.recipes import find
+
+    assert main(["recipes", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["toy/dpo_offline_cn"]["kind"] == "train" and rows["steer/toy_fk"]["kind"] == "steer"
+    assert rows["shapes-proxy"]["kind"] == "reward" and rows["toy/nft_cn"]["summary"].startswith("DiffusionNFT")
+    assert main(["recipes", "show", "toy/nft_cn"]) == 0
+    assert "algorithm: nft" in capsys.readouterr().out
+    assert main(["recipes", "show", "toy/nft_c"]) == 2
+    assert "Did you mean 'toy/nft_cn'" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # no configs/ here: names and the docs' paths find the shipped copies
+    assert find("toy/nft_cn") == find("configs/toy/nft_cn.yaml") == find("toy/nft_cn.yaml") is not None
+    assert read_yaml("configs/toy/nft_cn.yaml")["algorithm"] == "nft"
+    assert find("../toy/nft_cn") is None
+    (tmp_path / "mine.yaml").write_text("algorithm: grpo\n")
+    assert read_yaml("mine.yaml") == {"algorithm": "grpo"}  # a file of that name wins
+    with pytest.raises(ConfigError, match="not found: it is neither a file nor a shipped recipe"):
+        read_yaml("nope.yaml")
 
 
 def test_threads_setting(monkeypatch):

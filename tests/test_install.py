@@ -135,6 +135,29 @@ def test_installed_toy_eval_runs_from_another_folder(installed):
     assert "overall (GenEval mean of categories)" in out.stdout
 
 
+def test_installed_recipes_list_and_train_by_name_from_another_folder(installed, tmp_path):
+    shipped = sorted(p.relative_to(REPO / "configs").with_suffix("").as_posix()
+                     for p in (REPO / "configs").rglob("*.yaml"))
+    names = set(zipfile.ZipFile(installed["wheel"]).namelist())
+    missing = [n for n in shipped if f"visalign/configs/{n}.yaml" not in names]
+    assert not missing, f"the wheel lacks these recipes: {missing}"
+    out = _run([sys.executable, "-m", "visalign", "recipes", "--json"], env=installed["env"], cwd=installed["cwd"])
+    listed = {r["name"]: r for r in json.loads(out.stdout)}
+    assert set(shipped) <= set(listed) and {"shapes-proxy", "shapes-artifact"} <= set(listed)
+    assert Path(listed["toy/nft_cn"]["path"]).resolve().is_relative_to(installed["site"].resolve())
+    assert listed["steer/toy_fk"]["command"] == "visalign steer steer/toy_fk"
+    # a toy recipe trains one iteration by name; the docs' form configs/toy/... finds the shipped copy too
+    for name, run in (("toy/flow_grpo", "run_a"), ("configs/toy/flow_grpo.yaml", "run_b")):
+        out = _run([sys.executable, "-m", "visalign", "train", name, "run.iterations=1", f"run.run_dir={run}",
+                    "data.eval_max_prompts=2", "run.eval_num_steps=2", "run.progress=false",
+                    "run.save_sample_grid=false", "--threads", "1"], env=installed["env"], cwd=installed["cwd"])
+        assert "done: 1 iterations" in out.stdout
+        assert (installed["cwd"] / run / "final" / "pytorch_lora_weights.safetensors").is_file()
+    bad = subprocess.run([sys.executable, "-m", "visalign", "train", "toy/flow_grp"], capture_output=True, text=True,
+                         env=installed["env"], cwd=installed["cwd"], timeout=120)
+    assert bad.returncode == 2 and "Did you mean 'toy/flow_grpo'" in bad.stderr and "visalign recipes" in bad.stderr
+
+
 def test_missing_asset_messages_say_how_to_get_them(monkeypatch, tmp_path):
     """In-process (no wheel): the errors name the folder looked in and the ways out, install-agnostic."""
     import visalign.assets as A

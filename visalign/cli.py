@@ -11,11 +11,9 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["main", "build_parser"]
+from .errors import UsageError
 
-
-class UsageError(Exception):
-    """A user mistake: printed without a traceback, exit code 2."""
+__all__ = ["main", "build_parser", "UsageError"]
 
 
 # ---- sample -----------------------------------------------------------------------------------
@@ -80,7 +78,8 @@ def _add_rewards(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="rewards_command", metavar="ACTION")
     tr = sub.add_parser("train", help="train a reward head (ensemble) on your labels (docs/reward_training.md)",
                         description="train a reward head (ensemble) on pairs, ratings or binary labels")
-    tr.add_argument("config", help="a YAML recipe (docs/reward_training.md; configs/rewards/ has examples)")
+    tr.add_argument("config", help="a YAML recipe, or a shipped one by name: shapes-proxy, shapes-artifact "
+                    "(visalign recipes --kind reward; docs/reward_training.md)")
     tr.add_argument("--out", default=None, help="output folder (default: the recipe's out:)")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe key, e.g. --set optim.steps=200 (repeatable)")
@@ -124,6 +123,51 @@ def _run_rewards_train(args) -> int:
     return 0
 
 
+# ---- recipes ----------------------------------------------------------------------------------
+
+
+def _add_recipes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("show", nargs="?", metavar="show NAME",
+                   help="print a recipe (copy it to edit: visalign recipes show toy/nft_cn > mine.yaml)")
+    p.add_argument("name", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("--kind", choices=["train", "steer", "reward"], default=None, help="list one kind only")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+
+
+def _run_recipes(args) -> int:
+    import json
+
+    from . import recipes
+
+    if args.show is not None:
+        if args.show != "show" or not args.name:
+            raise UsageError("usage: visalign recipes [--kind K] [--json]  |  visalign recipes show NAME")
+        path = recipes.find(args.name)
+        if path is None:
+            found = [r for r in recipes.available("reward") if r.name == args.name]
+            if not found:
+                raise UsageError(f"recipe {args.name!r}: {recipes.describe(args.name)}")
+            path = found[0].path
+        sys.stdout.write(path.read_text(encoding="utf-8"))
+        return 0
+    rows = recipes.available(args.kind)
+    if args.json:
+        print(json.dumps([{"name": r.name, "kind": r.kind, "command": r.command, "path": str(r.path),
+                           "summary": r.summary} for r in rows], indent=2))
+        return 0
+    width = max((len(r.name) for r in rows), default=4)
+    for kind in ("train", "steer", "reward"):
+        group = [r for r in rows if r.kind == kind]
+        if not group:
+            continue
+        print({"train": "training recipes (visalign train NAME)", "steer": "steering recipes (visalign steer NAME)",
+               "reward": "reward-head recipes (visalign rewards train NAME --out DIR)"}[kind])
+        for r in group:
+            print(f"  {r.name:<{width}}  {r.summary}")
+    print(f"in {recipes.recipes_dir()}; print one with: visalign recipes show NAME")
+    return 0
+
+
 # ---- commands implemented in their own modules ------------------------------------------------
 
 
@@ -143,21 +187,6 @@ def _delegate(module: str) -> tuple[Callable, Callable]:
     return add, run
 
 
-#: commands this version names but does not have yet: they say so instead of failing on an import
-PLANNED: dict[str, str] = {}
-
-
-def _planned(name: str) -> tuple[Callable, Callable]:
-    def add(p: argparse.ArgumentParser) -> None:
-        pass
-
-    def run(args) -> int:
-        print(f"visalign {name}: not implemented in this version of visalign yet: {PLANNED[name]}.", file=sys.stderr)
-        return 2
-
-    return add, run
-
-
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "sample": ("generate images or videos with any model", _add_sample, _run_sample),
     "score": ("score a gallery of images or videos with rewards", *_delegate("visalign.gallery.cli")),
@@ -165,6 +194,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "steer": ("inference-time steering: best-of-N, FK particles, reward guidance, noise search",
               *_delegate("visalign.trainers.steering.cli")),
     "rewards": ("list the reward models with inputs, range, gradient and licence", _add_rewards, _run_rewards),
+    "recipes": ("list the recipes that ship with visalign, or print one", _add_recipes, _run_recipes),
     "toy": ("the shapes toy world: pretrain the base model, evaluate a model or LoRA", *_delegate("visalign.toy.cli")),
 }
 
@@ -183,8 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PLANNED:  # whatever its arguments: say what is planned
-        return COMMANDS[argv[0]][2](None)
     # Only the chosen subcommand's module is imported to build its arguments.
     if argv and argv[0] in COMMANDS and argv[0] not in ("-h", "--help"):
         parser = argparse.ArgumentParser(prog="visalign")
@@ -196,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             add(p)
         except ModuleNotFoundError as err:
             if err.name and (err.name == "visalign" or err.name.startswith("visalign.")):
-                raise  # a broken installation or a bug: show the real import error, never "not implemented"
+                raise  # a broken installation or a bug: show the real import error
             print(f"visalign {name}: a dependency is missing ({err}); reinstall with `pip install .`",
                   file=sys.stderr)
             return 2

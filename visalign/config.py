@@ -23,12 +23,14 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from .errors import UsageError
+
 __all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "read_yaml", "apply_overrides", "save_config"]
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A recipe that does not fit its dataclass; the message says what to change."""
 
 
@@ -157,12 +159,20 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 
 
 def read_yaml(path: str | Path | None) -> dict:
-    """The mapping in a YAML recipe (``{}`` for ``None``); errors name the file and what is wrong."""
+    """The mapping in a YAML recipe (``{}`` for ``None``); errors name the file and what is wrong.
+
+    ``path`` is a file, or the name of a recipe that ships with visalign (``toy/nft_cn``; a missing
+    ``configs/toy/nft_cn.yaml`` also finds the shipped copy): :mod:`visalign.recipes`."""
     data: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found; see configs/ for the recipes that ship")
+            from . import recipes
+
+            shipped = recipes.find(path)
+            if shipped is None:
+                raise ConfigError(f"config file {str(path)!r} not found: {recipes.describe(path)}")
+            path = shipped
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

@@ -255,11 +255,29 @@ def test_finetune_moves_the_head_towards_new_labels(trained_bt, pref_data, tmp_p
     assert acc[True] > acc[False] + 0.2, acc
 
 
-def test_recipe_errors_teach(tiny_open_clip, tiny_dinov2):
+def test_recipe_errors_teach(tiny_open_clip, tiny_dinov2, tmp_path, capsys):
     from visalign.config import ConfigError, from_dict
 
+    dino = {"kind": "dinov2", "model": str(tiny_dinov2)}
     with pytest.raises(ValueError, match="no text tower"):
-        from_dict(T.RewardTrainConfig, {"backbone": {"kind": "dinov2", "model": str(tiny_dinov2)}})
+        from_dict(T.RewardTrainConfig, {"backbone": dino, "head": {"use_prompt": True}})
+    # a request the backbone cannot honour is refused; unset, use_prompt follows the backbone
+    with pytest.raises(ValueError, match="use_prompt: true cannot be honoured: backbone.kind='cnn' reads images"):
+        from_dict(T.RewardTrainConfig, {"backbone": {"kind": "cnn"}, "head": {"use_prompt": True}})
+    with pytest.raises(ValueError, match="use_prompt: false cannot be honoured: .*always reads the prompt"):
+        from_dict(T.RewardTrainConfig, {"backbone": {"kind": "shapes-proxy"}, "head": {"use_prompt": False}})
+    assert from_dict(T.RewardTrainConfig, {"backbone": dino}).head.use_prompt is False
+    assert from_dict(T.RewardTrainConfig, {"backbone": {"kind": "cnn"}}).head.use_prompt is False
+    assert from_dict(T.RewardTrainConfig, {"backbone": {"kind": "shapes-proxy"}}).head.use_prompt is True
+    assert from_dict(T.RewardTrainConfig, {"backbone": _oc(tiny_open_clip)}).head.use_prompt is True
+    from visalign import cli
+
+    recipe = tmp_path / "cnn_prompt.yaml"
+    recipe.write_text("task: pairwise\nout: out\ndata: {train: pairs.jsonl}\nbackbone: {kind: cnn}\n"
+                      "head: {use_prompt: true}\n")
+    assert cli.main(["rewards", "train", str(recipe)]) == 2
+    assert "use_prompt: true cannot be honoured" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="choose one of"):
         from_dict(T.RewardTrainConfig, {"task": "ranking"})
     with pytest.raises(ConfigError, match="Did you mean 'members'"):

@@ -89,6 +89,27 @@ def test_toy_eval_pass_at_k_on_the_shipped_model(capsys):
     assert p["1"]["overall"] <= p["2"]["overall"] <= p["4"]["overall"] and p["4"]["overall"] > p["1"]["overall"]
     assert main(["toy", "eval", "--samples-per-prompt", "2", "--pass-at", "4", "--max-prompts", "2"]) == 2
     assert "--samples-per-prompt" in capsys.readouterr().err
+    # compositions never trained on, reported beside the overall figure: the split of the same samples
+    from visalign.toy.prompts import split
+
+    flags = [m["heldout"] for m in split("eval")[:30]]
+    held, seen = result["heldout"], result["seen"]
+    assert (held["prompts"], seen["prompts"]) == (sum(flags), 30 - sum(flags))
+    weighted = sum(r["strict"] * r["prompts"] for r in (held, seen) if r["prompts"]) / 30
+    assert weighted == pytest.approx(result["strict_all_samples"], abs=1e-6)
+
+
+def test_heldout_split_of_the_strict_accuracy():
+    from visalign.toy.evaluate import by_heldout, format_report
+
+    metas = [{"heldout": True}, {"heldout": False}, {"heldout": False}]
+    got = by_heldout([[1, 0], [1, 1], [0, 0]], metas)
+    assert got == {"heldout": {"prompts": 1, "strict": 0.5}, "seen": {"prompts": 2, "strict": 0.5}}
+    assert by_heldout([1.0, 0.0], [{"tag": "x"}, {"tag": "y"}]) == {}
+    report = format_report({"model": "m", "lora": None, "prompts": 3, "samples_per_prompt": 2, "num_steps": 2,
+                            "guidance_scale": 3.0, "seed": 0, "seconds": 1.0, "per_category": {}, "overall_strict": 0.5,
+                            "partial": 0.5, **got})
+    assert "compositions never trained on (1 prompts): strict 0.500; the other 2 prompts: 0.500" in report
 
 
 def test_lora_round_trip_reproduces_trained_outputs(toy_dir, tmp_path):

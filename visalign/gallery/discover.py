@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..errors import UsageError
 from .decode import IMAGE_EXTS, VIDEO_EXTS
 
 __all__ = ["GalleryUsageError", "Item", "discover", "file_key", "read_mapping", "task_metadata", "GENEVAL_KEYS"]
@@ -40,8 +41,8 @@ _FILE_COLUMNS = ("file", "path", "filename", "image")
 GENEVAL_KEYS = ("tag", "include", "exclude")
 
 
-class GalleryUsageError(ValueError):
-    """A user mistake in the arguments (missing path, bad mapping file): exit code 2."""
+#: a user mistake in the arguments (missing path, bad mapping file): visalign's one usage error
+GalleryUsageError = UsageError
 
 
 @dataclass

@@ -16,9 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pre.add_argument("--batch", type=int, default=32)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--lr", type=float, default=5e-4)
-    pre.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    pre.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default auto: the cores other processes leave free)")
     pre.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU")
-    ev = sub.add_parser("eval", help="GenEval-style accuracy on the held-out prompts")
+    ev = sub.add_parser("eval", help="GenEval-style accuracy on the 243 evaluation prompts (every prompt of the grammar)")
     ev.add_argument("--model", default="toy-shapes", help="toy-shapes or a folder saved by pretrain")
     ev.add_argument("--lora", default=None, help="fine-tuned weights: RUN/final (a LoRA, or the denoiser after full fine-tuning) from visalign train")
     ev.add_argument("--samples-per-prompt", type=int, default=4)
@@ -72,10 +73,17 @@ def run(args) -> int:
               f"labels by the gold verifier (pass rate {s['pass_rate']:.3f}), {s['seconds']} s")
         return 0
     if args.toy_command == "pretrain":
+        from visalign.threads import configure_threads
+
         from .pretrain import pretrain
 
+        try:
+            configure_threads(args.threads)
+        except ValueError as err:
+            print(f"visalign toy pretrain: error: --threads: {err}", file=sys.stderr)
+            return 2
         out = pretrain(args.out, steps=args.steps, batch=args.batch, seed=args.seed, lr=args.lr,
-                       threads=args.threads, bf16=args.bf16)
+                       threads=None, bf16=args.bf16)
         print(f"pretrained model in {out}")
         return 0
     if args.toy_command == "train-proxy":
