@@ -58,7 +58,7 @@ CONFIGS = ROOT / "configs"
 EVAL_SEED = 0
 EVAL_STEPS = 10
 
-#: the oracle's settings (docs/toy_world.md, the best supervised row: full fine-tuning, lr 2e-4,
+#: the oracle's settings (docs/benchmarks.md, the research log's best supervised row: full fine-tuning, lr 2e-4,
 #: EMA 0.99, batch 32); pretraining's warm-up (200 steps) and prompt dropout (0.1) otherwise
 ORACLE = {"lr": 2e-4, "ema_decay": 0.99, "batch": 32, "warmup": 200, "seed": 0}
 
