@@ -14,8 +14,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..contract import Conditioning, Sampler, Schedule
-from ._common import calculate_shift, flow_schedule, from_unit_range, module_dtype, randn, to_unit_range, vae_encode
+from ..contract import Conditioning, Schedule
+from ._common import calculate_shift, flow_schedule, randn
+from ._mmdit import ShiftedVAEFlowSampler
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -40,16 +41,14 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxSampler(Sampler):
+class FluxSampler(ShiftedVAEFlowSampler):
     family = "flux"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     lora_writer = "FluxPipeline"
     parameterization = "flow"
 
     def __init__(self, pipe, name: str = "", max_sequence_length: int = 512) -> None:
-        super().__init__(pipe.transformer, pipeline=pipe, name=name)
-        self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        self.max_sequence_length = max_sequence_length
+        super().__init__(pipe, name=name, max_sequence_length=max_sequence_length)
         self.guidance = "embedded" if pipe.transformer.config.guidance_embeds else "none"
         # dev: 28 steps, guidance 3.5; schnell: 4 steps, no guidance (the model cards)
         self.default_steps, self.default_guidance = (28, 3.5) if self.guidance == "embedded" else (4, 0.0)
@@ -57,11 +56,6 @@ class FluxSampler(Sampler):
     def default_size(self) -> tuple[int, int]:
         side = 128 * self.vae_scale_factor  # the pipeline's default_sample_size
         return side, side
-
-    def ode_scheduler(self):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
 
     def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> Conditioning:
         pe, pooled, _text_ids = self.pipeline.encode_prompt(
@@ -105,15 +99,3 @@ class FluxSampler(Sampler):
             return_dict=False,
         )[0]
         return unpack(out, h, w)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents.to(module_dtype(vae)), return_dict=False)[0]
-        return to_unit_range(images.float())
-
-    def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
-        """``(z - shift_factor) * scaling_factor``, the inverse of :meth:`decode`."""
-        z = vae_encode(self.pipeline.vae, from_unit_range(images), generator)
-        cfg = self.pipeline.vae.config
-        return ((z - cfg.shift_factor) * cfg.scaling_factor).to(self.device)

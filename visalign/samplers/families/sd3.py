@@ -6,11 +6,12 @@ from typing import Sequence
 
 import torch
 
-from ..contract import Conditioning, Sampler, Schedule
-from ._common import calculate_shift, flow_schedule, from_unit_range, module_dtype, randn, to_unit_range, vae_encode
+from ..contract import Conditioning, Schedule
+from ._common import calculate_shift, flow_schedule, randn
+from ._mmdit import ShiftedVAEFlowSampler
 
 
-class SD3Sampler(Sampler):
+class SD3Sampler(ShiftedVAEFlowSampler):
     family = "sd3"
     #: Flow-GRPO: the attention projections of both MMDiT streams
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -20,19 +21,9 @@ class SD3Sampler(Sampler):
     default_steps = 28
     default_guidance = 7.0
 
-    def __init__(self, pipe, name: str = "", max_sequence_length: int = 256) -> None:
-        super().__init__(pipe.transformer, pipeline=pipe, name=name)
-        self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        self.max_sequence_length = max_sequence_length
-
     def default_size(self) -> tuple[int, int]:
         side = self.denoiser.config.sample_size * self.vae_scale_factor
         return side, side
-
-    def ode_scheduler(self):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
 
     def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> Conditioning:
         pe, npe, pooled, npooled = self.pipeline.encode_prompt(
@@ -73,15 +64,3 @@ class SD3Sampler(Sampler):
             pooled_projections=cond["pooled_projections"],
             return_dict=False,
         )[0]
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents.to(module_dtype(vae)), return_dict=False)[0]
-        return to_unit_range(images.float())
-
-    def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
-        """``(z - shift_factor) * scaling_factor``, the inverse of :meth:`decode`."""
-        z = vae_encode(self.pipeline.vae, from_unit_range(images), generator)
-        cfg = self.pipeline.vae.config
-        return ((z - cfg.shift_factor) * cfg.scaling_factor).to(self.device)
