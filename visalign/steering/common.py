@@ -15,7 +15,20 @@ from typing import Any, Callable, Sequence
 import torch
 
 __all__ = ["CountingDenoiser", "Steered", "SteerResult", "score_images", "score_latents", "sub_schedule",
-           "lookahead_x0", "Compute"]
+           "lookahead_x0", "Compute", "load_reward"]
+
+
+def load_reward(spec: str, options: dict):
+    """The reward of a spec string (``visalign rewards``), given only the shared ``options``
+    (device, dtype, model paths...) its factory takes: how ``visalign steer`` and the toy
+    evaluation load the steering and guidance rewards."""
+    import visalign.rewards as vr
+    from visalign.rewards.registry import factory_parameters
+
+    name, _ = vr.parse_spec(spec)
+    accepted = factory_parameters(name)
+    opts = options if accepted is None else {k: v for k, v in options.items() if k in accepted}
+    return vr.load(spec, **opts)
 
 
 def _cfg_factor(sampler, guidance_scale: float, cond) -> int:

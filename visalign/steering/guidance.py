@@ -177,7 +177,7 @@ def guided(sampler, prompts, reward: Callable, config: GuidanceConfig | None = N
         reward (`Callable`): the differentiable reward whose gradient guides.
         config (`GuidanceConfig`): scale, schedule, window, clipping.
         score_reward (`Callable`, *optional*): the reward that scores the final images (defaults to ``reward``).
-        kwargs: as :func:`~visalign.trainers.steering.best_of_n.best_of_n` (``kernel`` defaults to ``ode``).
+        kwargs: as :func:`~visalign.steering.best_of_n.best_of_n` (``kernel`` defaults to ``ode``).
     """
     from .best_of_n import best_of_n
 

@@ -36,7 +36,7 @@ def best_of_n(sampler, prompts: Sequence[str], reward: Callable, *, n: int = 4,
             stochastic kernel to compare with FK at ``lambda = 0``.
         denoiser (`Callable`, *optional*): a denoiser wrapper (e.g. reward guidance) for every candidate.
         sde_steps: the stochastic steps of a stochastic ``kernel`` (see ``Sampler.rollout``).
-        Others as in :func:`~visalign.trainers.steering.fk.fk_steer`.
+        Others as in :func:`~visalign.steering.fk.fk_steer`.
     """
     from visalign.samplers import collect
 

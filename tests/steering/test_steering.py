@@ -12,10 +12,10 @@ import torch
 
 import visalign.samplers as vs
 from tests_support import Brightness
-from visalign.trainers.steering import (FKConfig, FKHook, GuidanceConfig, RewardGuidance, SearchConfig, best_of_n,
+from visalign.steering import (FKConfig, FKHook, GuidanceConfig, RewardGuidance, SearchConfig, best_of_n,
                                         fk_steer, guided, noise_search)
-from visalign.trainers.steering import resampling as rs
-from visalign.trainers.steering.common import Compute, CountingDenoiser, lookahead_x0
+from visalign.steering import resampling as rs
+from visalign.steering.common import Compute, CountingDenoiser, lookahead_x0
 
 SIZE = {"height": 32, "width": 32}
 FAMILIES = [("sd", "eps"), ("sd", "v"), ("sdxl", None), ("sd3", None), ("flux", "dev"), ("wan", None), ("toy", None)]
@@ -446,7 +446,7 @@ def test_config_errors_teach():
         FKConfig(resample_start=5, resample_end=2)
     with pytest.raises(ValueError, match="schedule must be one of"):
         GuidanceConfig(schedule="cosine")
-    from visalign.trainers.steering import SteerConfig
+    from visalign.steering import SteerConfig
 
     with pytest.raises(ValueError, match="Did you mean 'fk'"):
         SteerConfig(method="fkk")

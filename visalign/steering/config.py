@@ -128,7 +128,7 @@ def steer(sampler, prompts: Sequence[str], reward: Callable, config: SteerConfig
           seed: int | None = None, keep_history: bool = False, keep_particles: bool = False,
           on_item: Callable | None = None, progress: bool | str = False):
     """Run ``config.method`` on ``prompts`` (one steered image each) and return its
-    :class:`~visalign.trainers.steering.common.SteerResult`."""
+    :class:`~visalign.steering.common.SteerResult`."""
     common = dict(metadata=metadata, num_steps=config.steps, guidance_scale=config.guidance,
                   kernel_options=dict(config.kernel_options), seed=config.seed if seed is None else seed,
                   prompts_per_batch=config.run.prompts_per_batch, keep_history=keep_history,

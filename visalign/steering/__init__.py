@@ -27,4 +27,4 @@ def __getattr__(name: str):
         from . import config
 
         return getattr(config, name)
-    raise AttributeError(f"module 'visalign.trainers.steering' has no attribute {name!r}")
+    raise AttributeError(f"module 'visalign.steering' has no attribute {name!r}")

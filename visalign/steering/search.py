@@ -47,7 +47,7 @@ def noise_search(sampler, prompts: Sequence[str], reward: Callable, config: Sear
     """Zero-order noise search for each entry of ``prompts`` (module docstring).
 
     Image ``j`` draws its pivot and perturbations from ``torch.Generator().manual_seed(seed + j)``.
-    Other arguments as in :func:`~visalign.trainers.steering.best_of_n.best_of_n`.
+    Other arguments as in :func:`~visalign.steering.best_of_n.best_of_n`.
     """
     from visalign.samplers import collect
 
