@@ -12,9 +12,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .common import Compute, CountingDenoiser, grid_steps, HistoryHook, nan_invalid, Steered, SteerResult
+from .common import Compute, CountingDenoiser, grid_steps, HistoryHook, nan_invalid, SteerCall, Steered, SteerResult
 
-__all__ = ["best_of_n"]
+__all__ = ["best_of_n", "run_best_of_n"]
 
 
 def _argmax(scores: torch.Tensor) -> int:
@@ -22,33 +22,23 @@ def _argmax(scores: torch.Tensor) -> int:
     return int(s.argmax())
 
 
-def best_of_n(sampler, prompts: Sequence[str], reward: Callable, *, n: int = 4,
-              metadata: Sequence[dict | None] | None = None, num_steps: int | None = None,
-              guidance_scale: float | None = None, kernel: str = "ode", kernel_options: dict | None = None,
-              seed: int = 0, prompts_per_batch: int | None = None, keep_history: bool = False,
-              keep_particles: bool = False, on_item: Callable[[int, Steered], None] | None = None,
-              progress: bool | str = False, size: dict | None = None, denoiser: Callable | None = None,
-              sde_steps="all") -> SteerResult:
-    """Best of ``n`` samples for each entry of ``prompts`` (repeat a prompt for several images).
+def run_best_of_n(sampler, reward: Callable, config: None, call: SteerCall, *, denoiser: Callable | None = None,
+                  sde_steps="all") -> SteerResult:
+    """Best of ``call.particles`` samples for each prompt of ``call`` (best-of-N has no settings of
+    its own: ``config`` is None).
 
     Args:
-        kernel (`str`, *optional*, defaults to ``"ode"``): the model's own sampler; pass FK's
-            stochastic kernel to compare with FK at ``lambda = 0``.
-        denoiser (`Callable`, *optional*): a denoiser wrapper (e.g. reward guidance) for every candidate.
-        sde_steps: the stochastic steps of a stochastic ``kernel`` (see ``Sampler.rollout``).
-        Others as in :func:`~visalign.steering.fk.fk_steer`.
+        denoiser (`Callable`, *optional*): ``denoiser(base)`` wraps the counting CFG denoiser of
+            every candidate (e.g. reward guidance).
+        sde_steps: the stochastic steps of a stochastic ``call.kernel`` (see ``Sampler.rollout``).
     """
     from visalign.samplers import collect
 
-    if n < 1:
-        raise ValueError(f"best-of-N needs n >= 1 samples per prompt, got {n}")
-    prompts = list(prompts)
-    meta = list(metadata) if metadata is not None else [None] * len(prompts)
-    steps = num_steps or sampler.default_steps
-    guidance = sampler.default_guidance if guidance_scale is None else float(guidance_scale)
+    n, prompts, meta, seed = call.particles, call.prompts, call.metadata, call.seed
+    keep_history, keep_particles = call.keep_history, call.keep_particles
     compute = Compute()
-    base = CountingDenoiser(sampler, guidance)
-    history = HistoryHook(sampler, grid_steps(steps)) if keep_history else None
+    base = CountingDenoiser(sampler, call.guidance_scale)
+    history = HistoryHook(sampler, grid_steps(call.num_steps)) if keep_history else None
     items: list[Steered] = []
     done = [0]
 
@@ -69,21 +59,33 @@ def best_of_n(sampler, prompts: Sequence[str], reward: Callable, *, n: int = 4,
                          + [("final", images[rows], scores[rows])]) if keep_history else None,
             )
             done[0] += 1
-            if on_item is not None:
-                on_item(j, item)
-            else:
-                items.append(item)
+            call.deliver(items, j, item)
 
-    rows = [p for p in prompts for _ in range(n)]
-    rows_meta = [m for m in meta for _ in range(n)]
+    rows = call.rows
     wrapped = denoiser(base) if denoiser is not None else base
-    collect(sampler, rows, {"reward": reward}, metadata=rows_meta, num_steps=steps, guidance_scale=guidance,
-            kernel=kernel, kernel_options=kernel_options, sde_steps=sde_steps, seeds=[seed + i for i in range(len(rows))],
-            batch_size=(prompts_per_batch or len(prompts)) * n, hooks=[history] if history else (), denoiser=wrapped,
-            keep_images=False, on_batch=finish, progress="best-of-n" if progress is True else progress, size=size)
+    collect(sampler, rows, {"reward": reward}, metadata=call.rows_metadata, num_steps=call.num_steps,
+            guidance_scale=call.guidance_scale, kernel=call.kernel, kernel_options=call.kernel_options,
+            sde_steps=sde_steps, seeds=[seed + i for i in range(len(rows))], batch_size=call.batch_size,
+            hooks=[history] if history else (), denoiser=wrapped, keep_images=False, on_batch=finish,
+            progress="best-of-n" if call.progress is True else call.progress, size=call.size)
     compute.denoiser_calls = base.calls
     compute.grad_calls = getattr(wrapped, "grad_calls", 0)
     compute.reward_calls += getattr(wrapped, "reward_calls", 0)
-    settings = {"particles": n, "num_steps": steps, "guidance_scale": guidance, "kernel": kernel,
-                "kernel_options": dict(kernel_options or {}), "seed": seed}
-    return SteerResult("bon", items, compute.per_image(done[0]), settings)
+    return SteerResult("bon", items, compute.per_image(done[0]), call.settings())
+
+
+def best_of_n(sampler, prompts: Sequence[str], reward: Callable, *, n: int = 4, denoiser: Callable | None = None,
+              sde_steps="all", **shared) -> SteerResult:
+    """Best of ``n`` samples for each entry of ``prompts`` (repeat a prompt for several images).
+
+    Args:
+        n (`int`, *optional*, defaults to 4): candidates per image.
+        denoiser / sde_steps: as in :func:`run_best_of_n`.
+        shared: the settings every method shares, :meth:`~visalign.steering.common.SteerCall.resolve`'s
+            (``metadata``, ``num_steps``, ``guidance_scale``, ``kernel`` (defaults to ``"ode"``, the
+            model's own sampler; pass FK's stochastic kernel to compare with FK at ``lambda = 0``),
+            ``kernel_options``, ``seed``, ``prompts_per_batch``, ``keep_history``, ``keep_particles``,
+            ``on_item``, ``progress``, ``size``).
+    """
+    call = SteerCall.resolve(sampler, prompts, particles=n, what="best-of-N's n (samples per prompt)", **shared)
+    return run_best_of_n(sampler, reward, None, call, denoiser=denoiser, sde_steps=sde_steps)
