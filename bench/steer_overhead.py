@@ -51,7 +51,7 @@ def main() -> None:
     import visalign.rewards as vr
     import visalign.samplers as vs
     from visalign.toy.prompts import split
-    from visalign.trainers.steering import FKConfig, fk_steer
+    from visalign.steering import FKConfig, fk_steer
 
     torch.set_num_threads(args.threads)
     sampler = vs.load(args.model)

@@ -37,8 +37,8 @@ def run(args) -> None:
     import visalign.rewards as vr
     import visalign.samplers as vs
     from visalign.toy.verify import verify
-    from visalign.trainers.steering import FKConfig, GuidanceConfig, best_of_n, fk_steer, guided, noise_search
-    from visalign.trainers.steering.search import SearchConfig
+    from visalign.steering import FKConfig, GuidanceConfig, best_of_n, fk_steer, guided, noise_search
+    from visalign.steering.search import SearchConfig
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -119,7 +119,7 @@ def diagnose(seeds: int = 1, steps: int = 10, lookahead: int = 2) -> dict:
 
     import visalign.samplers as vs
     from visalign.toy.verify import verify
-    from visalign.trainers.steering.common import CountingDenoiser, lookahead_x0
+    from visalign.steering.common import CountingDenoiser, lookahead_x0
 
     sampler = vs.load("toy-shapes")
     metas = [m for _, m in jobs(seeds, None)]

@@ -330,10 +330,10 @@ def _kv(text: str):
 def run_steer_row(row: Row, args, judge: Judge, rdir: Path, results: dict) -> dict:
     import visalign.samplers as vs
     from visalign.config import load_config
-    from visalign.trainers.recipe import _load_reward
-    from visalign.trainers.steering.config import SteerConfig
-    from visalign.trainers.steering.guidance import needs_gradient
-    from visalign.trainers.steering.toy_eval import evaluate_steered
+    from visalign.steering.common import load_reward as _load_reward
+    from visalign.steering.config import SteerConfig
+    from visalign.steering.guidance import needs_gradient
+    from visalign.steering.toy_eval import evaluate_steered
 
     overrides = [f"model.name={args.model}", "run.threads=1"] + row.overrides + args.sets.get(row.name, [])
     cfg = load_config(str(ROOT / row.recipe), SteerConfig, overrides)

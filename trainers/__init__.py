@@ -1,4 +1,5 @@
-"""Training and steering algorithms (imported as ``visalign.trainers``).
+"""Training algorithms (imported as ``visalign.trainers``); inference-time steering is
+:mod:`visalign.steering`.
 
 Heavy modules load on first use: ``from visalign.trainers import GRPOTrainer`` imports torch and
 accelerate, not the reward models.  Algorithms are registered by name in

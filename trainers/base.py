@@ -43,20 +43,13 @@ from .common.ema import EMA
 from .common.guards import GuardSettings, HackingAlarm, kl_gate, uncertainty_of
 from .common.metrics import MetricsLog, plot_metrics
 from .common.run import RunSettings
+from .common.seeds import derive_seed
 
 __all__ = ["OptimConfig", "Trainer", "TrainingStopped", "OptimStep", "derive_seed"]
 
 
 class TrainingStopped(RuntimeError):
     """Raised when the run cannot go on (too many NaN steps); a checkpoint was written first."""
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (FNV-1a over 32-bit words): per-iteration, per-process generators."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFF)) * 1099511628211) % (1 << 63)
-    return h
 
 
 @dataclass

@@ -4,7 +4,8 @@
 
 - ``visalign.samplers``  the Sampler contract and the model-family adapters
 - ``visalign.rewards``   reward models and composition
-- ``visalign.trainers``  training and steering algorithms
+- ``visalign.trainers``  training algorithms
+- ``visalign.steering``  inference-time steering (no training)
 - ``visalign.toy``       the shapes toy world
 """
 

@@ -192,7 +192,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "score": ("score a gallery of images or videos with rewards", *_delegate("visalign.gallery.cli")),
     "train": ("fine-tune a model against rewards (GRPO / DPO / reward backprop)", *_delegate("visalign.trainers.cli")),
     "steer": ("inference-time steering: best-of-N, FK particles, reward guidance, noise search",
-              *_delegate("visalign.trainers.steering.cli")),
+              *_delegate("visalign.steering.cli")),
     "rewards": ("list the reward models with inputs, range, gradient and licence", _add_rewards, _run_rewards),
     "recipes": ("list the recipes that ship with visalign, or print one", _add_recipes, _run_recipes),
     "toy": ("the shapes toy world: pretrain the base model, evaluate a model or LoRA", *_delegate("visalign.toy.cli")),

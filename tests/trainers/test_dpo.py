@@ -235,7 +235,7 @@ def test_offline_resume_is_exact_and_logs_the_labellers_scores(tiny_model_dir, t
 
 
 def test_online_pairs_are_the_best_and_worst_of_each_group(tiny_model_dir, tmp_path):
-    from visalign.trainers.common.groups import GroupBatch
+    from visalign.trainers.group import GroupBatch
 
     tr = make_dpo(tiny_model_dir, tmp_path, mode="online", rewards={"brightness": (Brightness(), 1.0)})
     scores = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.2, 0.2, 0.2, 0.2])

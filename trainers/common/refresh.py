@@ -34,6 +34,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .seeds import derive_seed
+
 __all__ = ["RefreshSettings", "RewardRefresher", "build_refresher", "expand_ensemble", "head_agreement"]
 
 
@@ -208,8 +210,6 @@ class RewardRefresher:
 
     # ---- one refresh -------------------------------------------------------------------------
     def _prompts(self, trainer, it: int, n: int) -> list[dict]:
-        from ..base import derive_seed
-
         pool = trainer.train_prompts
         if not pool:
             raise ValueError("reward_refresh: the run has no training prompts to sample the labelled images from")
@@ -227,8 +227,6 @@ class RewardRefresher:
         """``per_prompt`` images of each of this round's prompts (prompt ``j``'s images are rows
         ``j * per_prompt ...``, each from its own seed), with the prompts and metadata."""
         from visalign.samplers import collect
-
-        from ..base import derive_seed
 
         s = self.settings
         n = s.samples if s.max_labels is None else min(s.samples, s.max_labels - self.judge.labels)
@@ -294,8 +292,6 @@ class RewardRefresher:
         """One round (module docstring); returns its metrics (``refresh/...``)."""
         from visalign.rewards.head_data import LabelledSet
         from visalign.rewards.head_train import update
-
-        from ..base import derive_seed
 
         s = self.settings
         t0 = time.perf_counter()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..common.groups import GroupConfig
+from ..group import GroupConfig
 
 __all__ = ["DPOConfig", "DEFAULT_BETA", "default_beta"]
 

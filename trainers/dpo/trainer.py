@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..base import Trainer, derive_seed
 from ..common.data import PromptSampler
-from ..common.groups import GroupBatch, GroupTrainer
+from ..group import GroupBatch, GroupTrainer
 from .config import DPOConfig, default_beta
 
 __all__ = ["DPOTrainer", "dpo_loss"]

@@ -13,7 +13,7 @@ One iteration (:meth:`GRPOTrainer.train_step`):
    under ``sampler.reference()`` and ``kl_std_t`` the reference implementation's ``std_dev_t``;
    the unconditional CFG branch is detached when recomputing (Flow-GRPO).
 
-Steps 1-3 are :class:`~visalign.trainers.common.groups.GroupTrainer`'s; the optimizer step,
+Steps 1-3 are :class:`~visalign.trainers.group.GroupTrainer`'s; the optimizer step,
 EMA, evaluation and checkpoints are the base's.  The equations, every deviation from the
 reference implementations and the logged metrics are in docs/grpo.md.
 """
@@ -27,7 +27,7 @@ import torch
 from visalign.samplers import RandomWindow, Trajectory
 
 from ..base import TrainingStopped
-from ..common.groups import GroupBatch, GroupTrainer
+from ..group import GroupBatch, GroupTrainer
 from .config import GRPOConfig
 
 __all__ = ["GRPOTrainer", "TrainingStopped"]
@@ -36,7 +36,7 @@ __all__ = ["GRPOTrainer", "TrainingStopped"]
 class GRPOTrainer(GroupTrainer):
     """Group-relative policy optimisation on any Sampler (see the module docstring).
 
-    Args: as :class:`~visalign.trainers.common.groups.GroupTrainer`, with a :class:`GRPOConfig`.
+    Args: as :class:`~visalign.trainers.group.GroupTrainer`, with a :class:`GRPOConfig`.
     """
 
     algorithm = "grpo"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..common.groups import GroupConfig
+from ..group import GroupConfig
 
 __all__ = ["NFTConfig"]
 

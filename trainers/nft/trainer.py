@@ -32,7 +32,7 @@ import torch
 from visalign.samplers import Trajectory
 
 from ..common.ema import EMA
-from ..common.groups import GroupBatch, GroupTrainer
+from ..group import GroupBatch, GroupTrainer
 from .config import NFTConfig
 
 __all__ = ["NFTTrainer", "nft_loss"]

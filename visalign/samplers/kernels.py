@@ -7,7 +7,7 @@ Every kernel has the same signature::
 - ``pred``: the model prediction at step ``i`` (guidance already applied), in the sampler's
   parameterisation (``schedule.parameterization``: ``"flow"`` velocity, ``"eps"`` or ``"v"``).
 - ``x``: the current sample ``x_i``.
-- ``schedule``: the :class:`~visalign.samplers.contract.Schedule` of the rollout; the kernel
+- ``schedule``: the :class:`~visalign.samplers.types.Schedule` of the rollout; the kernel
   reads the numbers of step ``i`` from it, so replaying steps out of order is safe.
 - ``generator`` (sample) or ``prev_sample`` (score a stored transition ``x_i -> x_{i+1}``).
 
@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .contract import StepOutput
+from .types import StepOutput
 
 if TYPE_CHECKING:
-    from .contract import Schedule
+    from .types import Schedule
 
 __all__ = [
     "ode_step",

@@ -12,7 +12,7 @@ import torch
 from tests_support import Brightness
 from visalign.cli import main
 from visalign.config import load_config
-from visalign.trainers.steering import SteerConfig, steer
+from visalign.steering import SteerConfig, steer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "steer"
 RECIPES = {

@@ -20,10 +20,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from .fk import FKConfig, default_kernel, fk_steer
-from .guidance import GuidanceConfig, guided
-from .search import SearchConfig, noise_search
-from .best_of_n import best_of_n
+from .best_of_n import run_best_of_n
+from .common import SteerCall
+from .fk import FKConfig, default_kernel, run_fk
+from .guidance import GuidanceConfig, run_guidance
+from .search import SearchConfig, run_search
 
 __all__ = ["SteerConfig", "SteerModel", "SteerRun", "METHODS", "steer"]
 
@@ -128,21 +129,26 @@ def steer(sampler, prompts: Sequence[str], reward: Callable, config: SteerConfig
           seed: int | None = None, keep_history: bool = False, keep_particles: bool = False,
           on_item: Callable | None = None, progress: bool | str = False):
     """Run ``config.method`` on ``prompts`` (one steered image each) and return its
-    :class:`~visalign.trainers.steering.common.SteerResult`."""
-    common = dict(metadata=metadata, num_steps=config.steps, guidance_scale=config.guidance,
-                  kernel_options=dict(config.kernel_options), seed=config.seed if seed is None else seed,
-                  prompts_per_batch=config.run.prompts_per_batch, keep_history=keep_history,
-                  keep_particles=keep_particles, on_item=on_item, progress=progress, size=config.model.size())
-    k, m = config.particles, config.method
+    :class:`~visalign.steering.common.SteerResult`.
+
+    The settings every method shares are resolved once (:class:`~visalign.steering.common.SteerCall`):
+    ``particles`` is ``k`` (1 guided sample per image for ``guidance``), the kernel defaults to FK's
+    stochastic one for ``fk`` / ``fk+guidance`` and to the ODE otherwise."""
+    m = config.method
+    call = SteerCall.resolve(
+        sampler, prompts, particles=1 if m == "guidance" else config.particles, metadata=metadata,
+        num_steps=config.steps, guidance_scale=config.guidance, kernel=config.kernel,
+        default_kernel=default_kernel(sampler) if m in ("fk", "fk+guidance") else "ode",
+        kernel_options=config.kernel_options, seed=config.seed if seed is None else seed,
+        prompts_per_batch=config.run.prompts_per_batch, keep_history=keep_history, keep_particles=keep_particles,
+        on_item=on_item, progress=progress, size=config.model.size())
     if m == "bon":
-        return best_of_n(sampler, prompts, reward, n=k, kernel=config.kernel or "ode", **common)
+        return run_best_of_n(sampler, reward, None, call)
     if m == "fk":
-        return fk_steer(sampler, prompts, reward, config.fk, particles=k, kernel=config.kernel or default_kernel(sampler),
-                        **common)
+        return run_fk(sampler, reward, config.fk, call)
     if m == "fk+guidance":
-        return fk_steer(sampler, prompts, reward, config.fk, particles=k, kernel=config.kernel or default_kernel(sampler),
-                        proposal=config.reward_guidance, proposal_reward=guidance_reward or reward, **common)
+        return run_fk(sampler, reward, config.fk, call, proposal=config.reward_guidance,
+                      proposal_reward=guidance_reward or reward)
     if m == "guidance":
-        return guided(sampler, prompts, guidance_reward or reward, config.reward_guidance, score_reward=reward,
-                      samples=1, kernel=config.kernel or "ode", **common)
-    return noise_search(sampler, prompts, reward, config.search, candidates=k, kernel=config.kernel or "ode", **common)
+        return run_guidance(sampler, guidance_reward or reward, config.reward_guidance, call, score_reward=reward)
+    return run_search(sampler, reward, config.search, call)

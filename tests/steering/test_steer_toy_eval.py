@@ -12,7 +12,7 @@ PROMPTS = 6
 
 
 def _cfg(method="bon", particles=1, reward="shapes-proxy", extra=()):
-    from visalign.trainers.steering.config import SteerConfig
+    from visalign.steering.config import SteerConfig
 
     return load_config(None, SteerConfig, [f"method={method}", f"particles={particles}", f"reward={reward}", "steps=10",
                                           "run.prompts_per_batch=4", *extra])
@@ -25,7 +25,7 @@ def test_best_of_one_is_toy_eval_sample_for_sample():
     import visalign.rewards as vr
     from visalign.toy.evaluate import evaluate_sampler
     from visalign.toy.prompts import split
-    from visalign.trainers.steering.toy_eval import evaluate_steered
+    from visalign.steering.toy_eval import evaluate_steered
 
     metas = split("eval")[:PROMPTS]
     sampler = vs.load("toy-shapes")
@@ -44,7 +44,7 @@ def test_steering_by_the_gold_verifier_beats_the_base_and_resumes(tmp_path, monk
     import visalign.rewards as vr
     from visalign.toy.evaluate import evaluate_sampler
     from visalign.toy.prompts import split
-    from visalign.trainers.steering import toy_eval
+    from visalign.steering import toy_eval
 
     metas = [m for m in split("eval") if m["tag"] in ("position", "color_attr")][:8]
     sampler = vs.load("toy-shapes")
@@ -54,7 +54,7 @@ def test_steering_by_the_gold_verifier_beats_the_base_and_resumes(tmp_path, monk
     full = toy_eval.evaluate_steered(sampler, metas, vr.load("shapes"), cfg, samples=1, progress=False)
     assert full["strict_all_samples"] > base["strict_all_samples"]
 
-    import visalign.trainers.steering.config as sc
+    import visalign.steering.config as sc
 
     state, calls, orig = tmp_path / "images.pt", [], sc.steer
 

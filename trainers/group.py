@@ -13,9 +13,10 @@ from typing import Any, Mapping
 
 import torch
 
-from ..base import OptimConfig, Trainer, derive_seed
-from .advantages import PerPromptStats, group_advantages
-from .metrics import masked_stats
+from .base import OptimConfig, Trainer
+from .common.advantages import PerPromptStats, group_advantages
+from .common.metrics import masked_stats
+from .common.seeds import derive_seed
 
 __all__ = ["GroupConfig", "GroupBatch", "GroupTrainer"]
 

@@ -1,4 +1,5 @@
-"""Pieces shared by the steering methods: compute accounting, chunked scoring, results.
+"""Pieces shared by the steering methods: the settings every method takes (:class:`SteerCall`),
+compute accounting, chunked scoring, results.
 
 Every method reports its compute the way inference-time scaling papers count it (Ma et al. 2025,
 "Inference-time scaling for diffusion models beyond scaling denoising steps"): network evaluations
@@ -14,8 +15,116 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["CountingDenoiser", "Steered", "SteerResult", "score_images", "score_latents", "sub_schedule",
-           "lookahead_x0", "Compute"]
+__all__ = ["SteerCall", "CountingDenoiser", "Steered", "SteerResult", "score_images", "score_latents", "sub_schedule",
+           "lookahead_x0", "Compute", "load_reward"]
+
+
+def load_reward(spec: str, options: dict):
+    """The reward of a spec string (``visalign rewards``), given only the shared ``options``
+    (device, dtype, model paths...) its factory takes: how ``visalign steer`` and the toy
+    evaluation load the steering and guidance rewards."""
+    import visalign.rewards as vr
+    from visalign.rewards.registry import factory_parameters
+
+    name, _ = vr.parse_spec(spec)
+    accepted = factory_parameters(name)
+    opts = options if accepted is None else {k: v for k, v in options.items() if k in accepted}
+    return vr.load(spec, **opts)
+
+
+@dataclass
+class SteerCall:
+    """The settings every steering method shares, resolved once against the sampler
+    (:meth:`resolve`); each method adds its own config to them.
+
+    Every method has one signature, ``method(sampler, reward, config, call, **extras) ->
+    SteerResult`` (:func:`~visalign.steering.best_of_n.run_best_of_n`,
+    :func:`~visalign.steering.fk.run_fk`, :func:`~visalign.steering.guidance.run_guidance`,
+    :func:`~visalign.steering.search.run_search`), as k-diffusion's samplers share
+    ``sampler(model, x, sigmas, ...)``.  :func:`~visalign.steering.config.steer` and the
+    convenience functions (``best_of_n``, ``fk_steer``, ``guided``, ``noise_search``) build the
+    ``call`` and run one.
+
+    Args:
+        prompts: one steered image per entry (repeat a prompt for several).
+        metadata: per-prompt task metadata handed to the reward (e.g. GenEval's ``include``), or None each.
+        particles: ``k``: FK particles, best-of-N candidates, noise-search candidates per round,
+            guided samples per image.
+        num_steps / guidance_scale: the rollout's denoising steps and classifier-free guidance scale.
+        kernel / kernel_options: the sampling kernel and its options.
+        seed: particle ``q`` of image ``j`` draws its noise from seed ``seed + j * k + q``.
+        prompts_per_batch: images steered per rollout (the batch is this times ``k``).
+        keep_history / keep_particles: keep the decoded particles over time / at the end.
+        on_item: ``on_item(j, Steered)`` as each image is done; the result's ``items`` then stay
+            empty (large jobs).
+        progress: a progress bar (``True``, or its label).
+        size: ``height`` / ``width`` / ``num_frames`` of the samples.
+    """
+
+    prompts: list[str]
+    metadata: list[dict | None]
+    particles: int
+    num_steps: int
+    guidance_scale: float
+    kernel: str
+    kernel_options: dict[str, Any]
+    seed: int = 0
+    prompts_per_batch: int | None = None
+    keep_history: bool = False
+    keep_particles: bool = False
+    on_item: Callable[[int, "Steered"], None] | None = None
+    progress: bool | str = False
+    size: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def resolve(cls, sampler, prompts: Sequence[str], *, particles: int = 4, what: str = "particles",
+                metadata: Sequence[dict | None] | None = None, num_steps: int | None = None,
+                guidance_scale: float | None = None, kernel: str | None = None, default_kernel: str = "ode",
+                kernel_options: dict | None = None, seed: int = 0, prompts_per_batch: int | None = None,
+                keep_history: bool = False, keep_particles: bool = False,
+                on_item: Callable[[int, "Steered"], None] | None = None, progress: bool | str = False,
+                size: dict | None = None) -> "SteerCall":
+        """The call's settings with the defaults filled in: ``num_steps`` and ``guidance_scale``
+        from the model card (``sampler.default_steps`` / ``default_guidance``), ``kernel`` from
+        ``default_kernel``, ``prompts_per_batch`` all the prompts.  ``what`` names ``particles``
+        in the error when it is below 1."""
+        k = int(particles)
+        if k < 1:
+            raise ValueError(f"{what} must be >= 1, got {particles}")
+        prompts = list(prompts)
+        return cls(
+            prompts=prompts, metadata=list(metadata) if metadata is not None else [None] * len(prompts), particles=k,
+            num_steps=num_steps or sampler.default_steps,
+            guidance_scale=sampler.default_guidance if guidance_scale is None else float(guidance_scale),
+            kernel=kernel or default_kernel, kernel_options=dict(kernel_options or {}), seed=seed,
+            prompts_per_batch=prompts_per_batch or len(prompts), keep_history=keep_history,
+            keep_particles=keep_particles, on_item=on_item, progress=progress, size=dict(size or {}))
+
+    @property
+    def rows(self) -> list[str]:
+        """The prompts of the particles: each prompt ``k`` times in a row."""
+        return [p for p in self.prompts for _ in range(self.particles)]
+
+    @property
+    def rows_metadata(self) -> list[dict | None]:
+        return [m for m in self.metadata for _ in range(self.particles)]
+
+    @property
+    def batch_size(self) -> int:
+        """Particles per rollout."""
+        return self.prompts_per_batch * self.particles
+
+    def settings(self) -> dict[str, Any]:
+        """The settings a result reports (the method adds its own)."""
+        return {"particles": self.particles, "num_steps": self.num_steps, "guidance_scale": self.guidance_scale,
+                "kernel": self.kernel, "kernel_options": dict(self.kernel_options), "seed": self.seed}
+
+    def deliver(self, items: list, j: int, item: "Steered") -> None:
+        """Hand image ``j`` to ``on_item``, or keep it in ``items``."""
+        if self.on_item is not None:
+            self.on_item(j, item)
+        else:
+            items.append(item)
 
 
 def _cfg_factor(sampler, guidance_scale: float, cond) -> int:

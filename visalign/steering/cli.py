@@ -78,9 +78,9 @@ def _overrides(args) -> tuple[str | None, list[str]]:
 
 
 def _load_reward(spec: str, options: dict):
-    from visalign.trainers.recipe import _load_reward as load
+    from .common import load_reward
 
-    return load(spec, options)
+    return load_reward(spec, options)
 
 
 def run(args) -> int:

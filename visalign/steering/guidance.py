@@ -21,12 +21,15 @@ only the decoder and the reward are differentiated (cheaper; the DPS-style short
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
-__all__ = ["GuidanceConfig", "RewardGuidance", "SCHEDULES"]
+from .best_of_n import run_best_of_n
+from .common import SteerCall, SteerResult
+
+__all__ = ["GuidanceConfig", "RewardGuidance", "SCHEDULES", "guided", "run_guidance"]
 
 #: name -> weight of step i of n (times the scale)
 SCHEDULES: dict[str, Callable[[int, int], float]] = {
@@ -168,8 +171,28 @@ def needs_gradient(reward: Callable, what: str) -> None:
                          "a gradient-free method: bon, fk or search")
 
 
+def run_guidance(sampler, reward: Callable, config: GuidanceConfig | None, call: SteerCall, *,
+                 score_reward: Callable | None = None) -> SteerResult:
+    """Reward-guided sampling for each prompt of ``call``: each image is one rollout whose denoiser
+    carries the reward-gradient term (``call.particles > 1`` keeps the best of that many guided
+    samples by ``score_reward``).
+
+    Args:
+        reward (`Callable`): the differentiable reward whose gradient guides.
+        config (`GuidanceConfig`): scale, schedule, window, clipping.
+        score_reward (`Callable`, *optional*): the reward that scores the final images (defaults to ``reward``).
+    """
+    config = config or GuidanceConfig()
+    needs_gradient(reward, "reward-gradient guidance")
+    result = run_best_of_n(sampler, score_reward or reward, None, call,
+                           denoiser=lambda base: RewardGuidance(base, sampler, reward, config))
+    result.method = "guidance"
+    result.settings["reward_guidance"] = asdict(config)
+    return result
+
+
 def guided(sampler, prompts, reward: Callable, config: GuidanceConfig | None = None, *, score_reward: Callable | None = None,
-           samples: int = 1, **kwargs):
+           samples: int = 1, **shared) -> SteerResult:
     """Reward-guided sampling: each image is one rollout whose denoiser carries the reward-gradient
     term (``samples > 1`` keeps the best of that many guided samples by ``score_reward``).
 
@@ -177,16 +200,9 @@ def guided(sampler, prompts, reward: Callable, config: GuidanceConfig | None = N
         reward (`Callable`): the differentiable reward whose gradient guides.
         config (`GuidanceConfig`): scale, schedule, window, clipping.
         score_reward (`Callable`, *optional*): the reward that scores the final images (defaults to ``reward``).
-        kwargs: as :func:`~visalign.trainers.steering.best_of_n.best_of_n` (``kernel`` defaults to ``ode``).
+        samples (`int`, *optional*, defaults to 1): guided samples per image.
+        shared: the settings every method shares, :meth:`~visalign.steering.common.SteerCall.resolve`'s
+            (``kernel`` defaults to ``"ode"``).
     """
-    from .best_of_n import best_of_n
-
-    config = config or GuidanceConfig()
-    needs_gradient(reward, "reward-gradient guidance")
-    result = best_of_n(sampler, prompts, score_reward or reward, n=samples,
-                       denoiser=lambda base: RewardGuidance(base, sampler, reward, config), **kwargs)
-    result.method = "guidance"
-    from dataclasses import asdict
-
-    result.settings["reward_guidance"] = asdict(config)
-    return result
+    call = SteerCall.resolve(sampler, prompts, particles=samples, what="guided samples per image", **shared)
+    return run_guidance(sampler, reward, config, call, score_reward=score_reward)

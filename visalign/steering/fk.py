@@ -40,11 +40,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .common import Compute, CountingDenoiser, lookahead_x0, nan_invalid, score_latents, Steered, SteerResult
+from .common import Compute, CountingDenoiser, lookahead_x0, nan_invalid, score_latents, SteerCall, Steered, SteerResult
 from .guidance import GuidanceConfig, RewardGuidance, needs_gradient
 from .resampling import SCHEMES, ess, normalise, resample
 
-__all__ = ["FKConfig", "FKHook", "fk_steer", "POTENTIALS", "default_kernel"]
+__all__ = ["FKConfig", "FKHook", "fk_steer", "run_fk", "POTENTIALS", "default_kernel"]
 
 POTENTIALS = ("difference", "max", "sum", "immediate")
 SELECT = ("best", "weighted")
@@ -321,57 +321,35 @@ class FKHook:
         return events, origin
 
 
-def fk_steer(sampler, prompts: Sequence[str], reward: Callable, config: FKConfig | None = None, *, particles: int = 4,
-             metadata: Sequence[dict | None] | None = None, num_steps: int | None = None,
-             guidance_scale: float | None = None, kernel: str | None = None, kernel_options: dict | None = None,
-             seed: int = 0, proposal: GuidanceConfig | None = None, proposal_reward: Callable | None = None,
-             prompts_per_batch: int | None = None, keep_history: bool = False, keep_particles: bool = False,
-             on_item: Callable[[int, Steered], None] | None = None, progress: bool | str = False,
-             size: dict | None = None) -> SteerResult:
-    """FK steering of one image per entry of ``prompts`` (repeat a prompt for several).
+def run_fk(sampler, reward: Callable, config: FKConfig | None, call: SteerCall, *, proposal: GuidanceConfig | None = None,
+           proposal_reward: Callable | None = None) -> SteerResult:
+    """FK steering of one image per prompt of ``call``, ``call.particles`` particles each.
+
+    ``call.kernel`` must be stochastic (:func:`default_kernel` is FK's default); resampling draws
+    from its own generator per image.
 
     Args:
-        sampler (`Sampler`): any family.
-        prompts (`Sequence[str]`): one steered image per entry.
         reward (`Callable`): the potential's reward, ``reward(images, prompts, metadata=...)``; any
             reward (no gradient needed), batched.
         config (`FKConfig`, *optional*): potential, lambda, resampling schedule (defaults: the reference's).
-        particles (`int`, *optional*, defaults to 4): ``k``.
-        metadata: per-prompt task metadata handed to the reward (e.g. GenEval's ``include``).
-        num_steps / guidance_scale: default to the model card's.
-        kernel (`str`, *optional*): a stochastic kernel; defaults to ``flow_sde`` (flow) or ``ddim`` (eps / v).
-        seed (`int`): particle ``q`` of image ``j`` draws its noise from seed ``seed + j * k + q``
-            (the seeds best-of-N uses for its candidates); resampling has its own generator per image.
         proposal (`GuidanceConfig`, *optional*): reward-gradient guidance as the proposal ("FK + guidance");
             its reward is ``proposal_reward`` (defaults to ``reward``; it must be differentiable).
-        prompts_per_batch (`int`, *optional*): images steered per rollout (the batch is this times ``k``).
-        keep_history / keep_particles: keep the decoded particles at each resampling step / at the end.
-        on_item (`Callable`, *optional*): ``on_item(j, Steered)`` as each image is done; the result's
-            ``items`` then stay empty (large jobs).
-        progress: a progress bar over particles.
-        size: ``height`` / ``width`` / ``num_frames``.
     """
     from visalign.samplers import collect
 
     config = config or FKConfig()
-    k = int(particles)
-    if k < 1:
-        raise ValueError(f"particles must be >= 1, got {particles}")
-    prompts = list(prompts)
-    meta = list(metadata) if metadata is not None else [None] * len(prompts)
-    steps = num_steps or sampler.default_steps
-    guidance = sampler.default_guidance if guidance_scale is None else float(guidance_scale)
-    kernel = kernel or default_kernel(sampler)
-    kernel_options = dict(kernel_options or {})
+    k, prompts, meta, seed, steps = call.particles, call.prompts, call.metadata, call.seed, call.num_steps
+    keep_history, keep_particles = call.keep_history, call.keep_particles
+    kernel, kernel_options = call.kernel, call.kernel_options
     _check_correctable(kernel, kernel_options if (proposal is not None and config.proposal_correction) else {"log_prob_type": "gaussian"})
     compute = Compute()
-    base = CountingDenoiser(sampler, guidance)
+    base = CountingDenoiser(sampler, call.guidance_scale)
     wrapper = None
     if proposal is not None:
         g_reward = proposal_reward or reward
         needs_gradient(g_reward, "FK + guidance (the guided proposal)")
         wrapper = RewardGuidance(base, sampler, g_reward, proposal)
-    rows_meta = [m for m in meta for _ in range(k)]
+    rows_meta = call.rows_metadata
     hook = FKHook(sampler, reward, config, k, steps, metadata=rows_meta, denoiser=base, compute=compute, seed=seed,
                   proposal=wrapper, kernel=kernel, kernel_options=kernel_options, keep_history=keep_history)
     items: list[Steered] = []
@@ -397,28 +375,50 @@ def fk_steer(sampler, prompts: Sequence[str], reward: Callable, config: FKConfig
                 extra={"origin": origin, "final_weights": [round(float(v), 6) for v in res["weights"][g]]},
             )
             done[0] += 1
-            if on_item is not None:
-                on_item(j, item)
-            else:
-                items.append(item)
+            call.deliver(items, j, item)
 
-    rows = [p for p in prompts for _ in range(k)]
+    rows = call.rows
     seeds = [seed + j * k + q for j in range(len(prompts)) for q in range(k)]
-    ppb = prompts_per_batch or len(prompts)
     sde_steps = list(range(steps - 1)) if config.ode_last_step else "all"
     collect(sampler, rows, {"reward": _Scorer(reward, config.score_batch_size)}, metadata=rows_meta, num_steps=steps,
-            guidance_scale=guidance, kernel=kernel, kernel_options=kernel_options, sde_steps=sde_steps, seeds=seeds,
-            batch_size=ppb * k,
-            hooks=[hook], denoiser=wrapper or base, keep_images=False, on_batch=finish,
-            progress="fk" if progress is True else progress, size=size)
+            guidance_scale=call.guidance_scale, kernel=kernel, kernel_options=kernel_options, sde_steps=sde_steps,
+            seeds=seeds, batch_size=call.batch_size, hooks=[hook], denoiser=wrapper or base, keep_images=False,
+            on_batch=finish, progress="fk" if call.progress is True else call.progress, size=call.size)
     compute.denoiser_calls = base.calls
     if wrapper is not None:
         compute.grad_calls = wrapper.grad_calls
         compute.reward_calls += wrapper.reward_calls
-    settings = {"particles": k, "num_steps": steps, "guidance_scale": guidance, "kernel": kernel,
-                "kernel_options": kernel_options, "seed": seed, "fk": asdict(config),
-                "resample_steps": sorted(hook.steps), "reward_guidance": None if proposal is None else asdict(proposal)}
+    settings = {**call.settings(), "fk": asdict(config), "resample_steps": sorted(hook.steps),
+                "reward_guidance": None if proposal is None else asdict(proposal)}
     return SteerResult("fk" if proposal is None else "fk+guidance", items, compute.per_image(done[0]), settings)
+
+
+def fk_steer(sampler, prompts: Sequence[str], reward: Callable, config: FKConfig | None = None, *, particles: int = 4,
+             proposal: GuidanceConfig | None = None, proposal_reward: Callable | None = None,
+             **shared) -> SteerResult:
+    """FK steering of one image per entry of ``prompts`` (repeat a prompt for several).
+
+    Args:
+        sampler (`Sampler`): any family.
+        prompts (`Sequence[str]`): one steered image per entry.
+        reward (`Callable`): the potential's reward, ``reward(images, prompts, metadata=...)``; any
+            reward (no gradient needed), batched.
+        config (`FKConfig`, *optional*): potential, lambda, resampling schedule (defaults: the reference's).
+        particles (`int`, *optional*, defaults to 4): ``k``.
+        proposal / proposal_reward: as in :func:`run_fk`.
+        shared: the settings every method shares, :meth:`~visalign.steering.common.SteerCall.resolve`'s:
+            ``metadata`` (per-prompt task metadata handed to the reward, e.g. GenEval's ``include``),
+            ``num_steps`` / ``guidance_scale`` (default to the model card's), ``kernel`` (a stochastic
+            kernel; defaults to ``flow_sde`` (flow) or ``ddim`` (eps / v)), ``kernel_options``,
+            ``seed`` (particle ``q`` of image ``j`` draws its noise from seed ``seed + j * k + q``, the
+            seeds best-of-N uses for its candidates), ``prompts_per_batch`` (images steered per
+            rollout; the batch is this times ``k``), ``keep_history`` / ``keep_particles`` (keep the
+            decoded particles at each resampling step / at the end), ``on_item`` (``on_item(j,
+            Steered)`` as each image is done; the result's ``items`` then stay empty), ``progress``,
+            ``size`` (``height`` / ``width`` / ``num_frames``).
+    """
+    call = SteerCall.resolve(sampler, prompts, particles=particles, default_kernel=default_kernel(sampler), **shared)
+    return run_fk(sampler, reward, config, call, proposal=proposal, proposal_reward=proposal_reward)
 
 
 class _Scorer:

@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .common import Compute, CountingDenoiser, Steered, SteerResult
+from .common import Compute, CountingDenoiser, SteerCall, Steered, SteerResult
 
-__all__ = ["SearchConfig", "noise_search"]
+__all__ = ["SearchConfig", "noise_search", "run_search"]
 
 
 @dataclass
@@ -38,30 +38,19 @@ class SearchConfig:
             raise ValueError(f"search.radius (rho) must be in (0, 1], got {self.radius}")
 
 
-def noise_search(sampler, prompts: Sequence[str], reward: Callable, config: SearchConfig | None = None, *,
-                 candidates: int = 4, metadata: Sequence[dict | None] | None = None, num_steps: int | None = None,
-                 guidance_scale: float | None = None, kernel: str = "ode", kernel_options: dict | None = None,
-                 seed: int = 0, prompts_per_batch: int | None = None, keep_history: bool = False,
-                 keep_particles: bool = False, on_item: Callable[[int, Steered], None] | None = None,
-                 progress: bool | str = False, size: dict | None = None) -> SteerResult:
-    """Zero-order noise search for each entry of ``prompts`` (module docstring).
+def run_search(sampler, reward: Callable, config: SearchConfig | None, call: SteerCall) -> SteerResult:
+    """Zero-order noise search for each prompt of ``call`` (module docstring), ``call.particles``
+    candidates per round.
 
     Image ``j`` draws its pivot and perturbations from ``torch.Generator().manual_seed(seed + j)``.
-    Other arguments as in :func:`~visalign.trainers.steering.best_of_n.best_of_n`.
     """
     from visalign.samplers import collect
 
     config = config or SearchConfig()
-    n = int(candidates)
-    if n < 1:
-        raise ValueError(f"noise search needs candidates (particles) >= 1, got {candidates}")
-    prompts = list(prompts)
-    meta = list(metadata) if metadata is not None else [None] * len(prompts)
-    steps = num_steps or sampler.default_steps
-    guidance = sampler.default_guidance if guidance_scale is None else float(guidance_scale)
-    size = dict(size or {})
+    n, prompts, meta, seed, size = call.particles, call.prompts, call.metadata, call.seed, call.size
+    keep_history, keep_particles = call.keep_history, call.keep_particles
     compute = Compute()
-    base = CountingDenoiser(sampler, guidance)
+    base = CountingDenoiser(sampler, call.guidance_scale)
     gens = [torch.Generator().manual_seed(seed + j) for j in range(len(prompts))]
     pivots = torch.cat([sampler.noise(1, g, **size).float().cpu() for g in gens])  # (J, ...)
     best = torch.full((len(prompts),), -math.inf)
@@ -105,12 +94,12 @@ def noise_search(sampler, prompts: Sequence[str], reward: Callable, config: Sear
                 if keep_particles:
                     keep[j] = images[rows].clone()
 
-        rows = [p for p in prompts for _ in range(n)]
-        collect(sampler, rows, {"reward": reward}, metadata=[m for m in meta for _ in range(n)], num_steps=steps,
-                guidance_scale=guidance, kernel=kernel, kernel_options=kernel_options, latents=latents,
-                seeds=[seed + r * len(rows) + i for i in range(len(rows))],
-                batch_size=(prompts_per_batch or len(prompts)) * n, denoiser=base, keep_images=False, on_batch=take,
-                progress=f"search round {r + 1}" if progress else False, size=size)
+        rows = call.rows
+        collect(sampler, rows, {"reward": reward}, metadata=call.rows_metadata, num_steps=call.num_steps,
+                guidance_scale=call.guidance_scale, kernel=call.kernel, kernel_options=call.kernel_options,
+                latents=latents, seeds=[seed + r * len(rows) + i for i in range(len(rows))],
+                batch_size=call.batch_size, denoiser=base, keep_images=False, on_batch=take,
+                progress=f"search round {r + 1}" if call.progress else False, size=size)
         compute.reward_calls += latents.shape[0]
     items = []
     for j in range(len(prompts)):
@@ -119,11 +108,22 @@ def noise_search(sampler, prompts: Sequence[str], reward: Callable, config: Sear
                        chosen=found[j]["chosen"], particle_rewards=found[j]["scores"], seeds=[seed + j],
                        lineage=rounds[j], particles=keep[j], history=history[j] if keep_history else None,
                        extra={"best_round": found[j]["round"]})
-        if on_item is not None:
-            on_item(j, item)
-        else:
-            items.append(item)
+        call.deliver(items, j, item)
     compute.denoiser_calls = base.calls
-    settings = {"particles": n, "num_steps": steps, "guidance_scale": guidance, "kernel": kernel,
-                "kernel_options": dict(kernel_options or {}), "seed": seed, "search": asdict(config)}
+    settings = {**call.settings(), "search": asdict(config)}
     return SteerResult("search", items, compute.per_image(len(prompts)), settings)
+
+
+def noise_search(sampler, prompts: Sequence[str], reward: Callable, config: SearchConfig | None = None, *,
+                 candidates: int = 4, **shared) -> SteerResult:
+    """Zero-order noise search for each entry of ``prompts`` (module docstring).
+
+    Args:
+        config (`SearchConfig`, *optional*): rounds and radius.
+        candidates (`int`, *optional*, defaults to 4): candidates per round.
+        shared: the settings every method shares, :meth:`~visalign.steering.common.SteerCall.resolve`'s
+            (``kernel`` defaults to ``"ode"``).
+    """
+    call = SteerCall.resolve(sampler, prompts, particles=candidates, what="noise search's candidates (particles)",
+                             **shared)
+    return run_search(sampler, reward, config, call)

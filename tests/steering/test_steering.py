@@ -12,10 +12,10 @@ import torch
 
 import visalign.samplers as vs
 from tests_support import Brightness
-from visalign.trainers.steering import (FKConfig, FKHook, GuidanceConfig, RewardGuidance, SearchConfig, best_of_n,
+from visalign.steering import (FKConfig, FKHook, GuidanceConfig, RewardGuidance, SearchConfig, best_of_n,
                                         fk_steer, guided, noise_search)
-from visalign.trainers.steering import resampling as rs
-from visalign.trainers.steering.common import Compute, CountingDenoiser, lookahead_x0
+from visalign.steering import resampling as rs
+from visalign.steering.common import Compute, CountingDenoiser, lookahead_x0
 
 SIZE = {"height": 32, "width": 32}
 FAMILIES = [("sd", "eps"), ("sd", "v"), ("sdxl", None), ("sd3", None), ("flux", "dev"), ("wan", None), ("toy", None)]
@@ -446,7 +446,7 @@ def test_config_errors_teach():
         FKConfig(resample_start=5, resample_end=2)
     with pytest.raises(ValueError, match="schedule must be one of"):
         GuidanceConfig(schedule="cosine")
-    from visalign.trainers.steering import SteerConfig
+    from visalign.steering import SteerConfig
 
     with pytest.raises(ValueError, match="Did you mean 'fk'"):
         SteerConfig(method="fkk")
@@ -462,3 +462,25 @@ def test_guidance_refuses_a_reward_without_gradient(sd3):
         guided(sampler, ["a circle"], vr.load("shapes"), GuidanceConfig(), num_steps=2, size=size)
     with pytest.raises(ValueError, match="stochastic kernel"):
         fk_steer(sampler, ["a cat"], Brightness(), FKConfig(), kernel="ode", num_steps=2, size=size)
+
+
+def test_the_methods_share_one_signature_and_one_resolution(sd3):
+    """``run_*(sampler, reward, config, call)`` for every method, ``call`` resolved once with the
+    model card's defaults; the convenience functions are exactly a resolved call and that run."""
+    import inspect
+
+    from visalign.steering import SteerCall, run_best_of_n, run_fk, run_guidance, run_search
+
+    for run in (run_best_of_n, run_fk, run_guidance, run_search):
+        assert list(inspect.signature(run).parameters)[:4] == ["sampler", "reward", "config", "call"], run
+    sampler, size = sd3
+    call = SteerCall.resolve(sampler, ["a cat", "a dog"], particles=2, size=size)
+    assert (call.num_steps, call.guidance_scale, call.kernel) == (sampler.default_steps, sampler.default_guidance, "ode")
+    assert call.rows == ["a cat", "a cat", "a dog", "a dog"] and call.metadata == [None, None] and call.batch_size == 4
+    with pytest.raises(ValueError, match="particles must be >= 1"):
+        SteerCall.resolve(sampler, ["a cat"], particles=0)
+    kw = dict(num_steps=2, guidance_scale=2.0, seed=1, size=size)
+    call = SteerCall.resolve(sampler, ["a cat", "a dog"], particles=2, kernel="flow_sde", **kw)
+    a = run_fk(sampler, Brightness(), FKConfig(resample_every=1, resample_start=0), call)
+    b = fk_steer(sampler, ["a cat", "a dog"], Brightness(), FKConfig(resample_every=1, resample_start=0), particles=2, **kw)
+    assert torch.equal(a.images, b.images) and a.settings == b.settings

@@ -10,8 +10,8 @@ one such as ``shapes-proxy``: the gold verifier only judges).  :func:`compare` p
 by side on the same prompts: the base model, the base with a LoRA, and the LoRA steered — the
 README's main job prints it.
 
-This lives with steering, not in :mod:`visalign.toy`, because the toy world stays below the
-trainers and rewards (docs/architecture.md).
+This lives with steering, not in :mod:`visalign.toy`, because the toy world stays below
+steering and the rewards (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def compare(cfg, *, lora: str | None, samples: int = 4, max_prompts: int | None 
 
     metas = split("eval")[:max_prompts]
     if load_reward is None:
-        from visalign.trainers.recipe import _load_reward as load_reward
+        from .common import load_reward
     reward = load_reward(cfg.reward, cfg.reward_options)
     g_reward = None
     if cfg.method in ("guidance", "fk+guidance"):
