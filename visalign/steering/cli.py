@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-grid", action="store_true", help="do not write the particle grids")
     p.add_argument("--toy-eval", action="store_true",
                    help="toy world: judge instead of writing images: the base, the base + --lora and the recipe "
-                        "steering it, on the held-out eval prompts (visalign toy eval's), by the gold verifier")
+                        "steering it, on visalign toy eval's 243 evaluation prompts, by the gold verifier")
     p.add_argument("--toy-eval-samples", type=int, default=4, help="--toy-eval: samples per prompt (default 4)")
     p.add_argument("--toy-eval-prompts", type=int, default=None,
                    help="--toy-eval: the first N eval prompts (default all 243)")

@@ -1,6 +1,6 @@
 """Steering judged on the toy world: ``visalign steer RECIPE --toy-eval [--lora DIR]``.
 
-The toy world's question for a steering recipe is ``visalign toy eval``'s: on the 243 held-out eval
+The toy world's question for a steering recipe is ``visalign toy eval``'s: on the 243 evaluation
 prompts, with ``samples`` images per prompt, how often does the gold verifier pass the scene
 (GenEval's mean of the six category accuracies)?  :func:`evaluate_steered` answers it for steered
 images: image ``n`` of the prompt-major job list (``samples`` per prompt, as ``toy eval`` orders
@@ -138,7 +138,7 @@ def format_compare(result: dict) -> str:
     rows = result["rows"]
     cats = list(rows[0]["per_category"])
     base = rows[0]["overall_strict"]
-    lines = [f"toy eval: {result['prompts']} held-out prompts x {result['samples_per_prompt']} samples, judged by "
+    lines = [f"toy eval: {result['prompts']} evaluation prompts x {result['samples_per_prompt']} samples, judged by "
              "the gold verifier (overall = GenEval's mean of the categories)",
              "| | overall strict | change | " + " | ".join(cats) + " | seconds |",
              "|---|---|---|" + "---|" * len(cats) + "---|"]
