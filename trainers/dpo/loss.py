@@ -42,8 +42,8 @@ def ipo_loss(inside: torch.Tensor) -> torch.Tensor:
 
     In terms of the log-ratio margin ``h = inside / beta`` this is ``beta^2 (h - 1/(2 beta))^2``:
     trl's ``loss_type="ipo"`` times the constant ``beta^2``, which keeps the gradient on the scale of
-    the sigmoid loss (``beta`` is in the thousands for DDPM families, so the unscaled loss would give
-    gradients ~1e-7 of the sigmoid's) and leaves the minimiser, ``h = 1/(2 beta)``, unchanged.
+    the sigmoid loss (unscaled, the gradient at the reference would be ``2 / beta^2`` of the
+    sigmoid's: 8e-8 at the DDPM families' ``beta = 5000``) and leaves the minimiser, ``h = 1/(2 beta)``, unchanged.
     Unlike the sigmoid loss it does not push a pair ranked right further once its margin reaches
     the target."""
     return (inside - 0.5) ** 2
