@@ -218,6 +218,8 @@ class DPOConfig:
         """The config of a recipe's section (keys checked and values converted as for every algorithm)."""
         from visalign.config import ConfigError, from_dict
 
+        if not isinstance(section, dict):  # from_dict's error says what a section must be
+            return from_dict(OfflineDPOConfig, section, where=where)
         try:
             kind = _config_class(section.get("mode", "offline"), section, where)
         except ValueError as err:
