@@ -97,7 +97,11 @@ def load_recipe(path, overrides=()) -> TrainRecipe:
     section = data.pop(algo.name, None) or {}
     recipe = from_dict(TrainRecipe, data)
     recipe.algorithm = algo.name
-    recipe.config = from_dict(algo.config_class, section, where=algo.name)
+    config_cls = algo.config_class
+    if hasattr(config_cls, "from_section"):  # a section whose keys choose the config class (dpo.mode)
+        recipe.config = config_cls.from_section(section, where=algo.name)
+    else:
+        recipe.config = from_dict(config_cls, section, where=algo.name)
     return recipe
 
 

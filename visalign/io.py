@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -56,18 +56,34 @@ class JsonlAppender:
         self.close()
 
 
+def iter_jsonl(path: str | Path, *, strict: bool = False, errors: str = "strict") -> Iterator[tuple[int, Any]]:
+    """``(line number, row)`` of each non-blank line of a JSONL file, numbered from 1.
+
+    Args:
+        path (`str` or `Path`): the file.
+        strict (`bool`, *optional*, defaults to `False`): a line that is not JSON raises a
+            ``ValueError`` naming ``path:line``; otherwise it is skipped (a killed writer's last line).
+        errors (`str`, *optional*, defaults to `"strict"`): how undecodable UTF-8 is handled
+            (``open``'s ``errors``; ``"replace"`` reads any bytes).
+    """
+    with open(path, encoding="utf-8", errors=errors) as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                if strict:
+                    raise ValueError(f"{path}:{n}: not JSON ({err.msg}): {line[:120]!r}") from None
+                continue
+            yield n, row
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file; a truncated last line (killed writer) is skipped."""
-    rows = []
+    """Rows of a JSONL file (``[]`` when it does not exist); a truncated last line (killed writer) is
+    skipped."""
     path = Path(path)
     if not path.exists():
-        return rows
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+        return []
+    return [row for _, row in iter_jsonl(path)]

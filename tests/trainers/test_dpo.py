@@ -72,8 +72,12 @@ def make_dpo(tiny_model_dir, tmp_path, *, family="sd3", variant=None, mode="offl
     sampler = vs.load(str(tiny_model_dir(family, variant)), **options)
     torch.manual_seed(0)
     trainable = add_lora(sampler, LoraSettings(rank=4, alpha=4)) if lora else None
-    defaults = dict(mode=mode, pairs=pairs, group_size=4, prompts_per_iteration=2, num_steps=3, guidance_scale=2.0,
-                    train_batch_size=2, gradient_accumulation=2, learning_rate=1e-3, ema_decay=0.0, num_workers=0)
+    defaults = dict(mode=mode, guidance_scale=2.0, train_batch_size=2, gradient_accumulation=2, learning_rate=1e-3,
+                    ema_decay=0.0)
+    if mode == "online":  # the rollout groups
+        defaults.update(group_size=4, prompts_per_iteration=2, num_steps=3)
+    else:  # the pair data
+        defaults.update(pairs=pairs, num_workers=0)
     defaults.update(cfg)
     prompts = [{"prompt": p, "metadata": None} for p in ["a red cube", "a blue ball", "a green tree", "a cat"]]
     run = RunSettings(run_dir=str(tmp_path / run_dir), iterations=3, checkpoint_every=1, eval_every=0,
@@ -133,6 +137,65 @@ def test_loss_is_log2_at_init_and_its_gradient_is_analytic(tiny_model_dir, tmp_p
     assert float((g_dpo - g_ref).norm() / g_ref.norm()) < 1e-5
 
 
+def _loss_inputs():
+    """Tiny denoising errors (float64, with gradients) on both sides of every loss's kink / target."""
+    e_w = torch.tensor([0.300, 0.500, 0.400, 0.4010], dtype=torch.float64, requires_grad=True)
+    e_l = torch.tensor([0.400, 0.450, 0.400, 0.4000], dtype=torch.float64, requires_grad=True)
+    r_w = torch.tensor([0.350, 0.500, 0.410, 0.4000], dtype=torch.float64)
+    r_l = torch.tensor([0.400, 0.500, 0.400, 0.4000], dtype=torch.float64)
+    return e_w, e_l, r_w, r_l
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_each_loss_type_is_its_papers_formula_with_its_gradient(loss_type):
+    """Each loss transcribed on the log-ratio margin h = -1/2 ((e_w - e_l) - (e_w_ref - e_l_ref)):
+    sigmoid -log sigmoid(beta h) (Diffusion-DPO), ipo beta^2 (h - 1/(2 beta))^2 (IPO, Azar et al. 2023,
+    scaled by beta^2), hinge max(0, 1 - beta h) (SLiC, Zhao et al. 2023); value and gradient in e_w, e_l."""
+    beta = 100.0  # inside = 2.5, -2.5, 0.5 (IPO's target), -0.05
+    e_w, e_l, r_w, r_l = _loss_inputs()
+    loss, inside = dpo_loss(e_w, e_l, r_w, r_l, beta, loss_type)
+    h = (-0.5 * ((e_w - e_l) - (r_w - r_l))).detach()
+    assert torch.allclose(inside.detach(), beta * h)
+    expect = {"sigmoid": torch.log1p(torch.exp(-beta * h)),
+              "ipo": beta ** 2 * (h - 1 / (2 * beta)) ** 2,
+              "hinge": torch.clamp(1 - beta * h, min=0)}[loss_type]
+    assert torch.allclose(loss.detach(), expect, atol=1e-12)
+    # dL/dh by hand; dh/de_w = -1/2, dh/de_l = +1/2
+    dl_dh = {"sigmoid": -beta * torch.sigmoid(-beta * h),
+             "ipo": 2 * beta ** 2 * (h - 1 / (2 * beta)),
+             "hinge": -beta * (1 - beta * h > 0).double()}[loss_type]
+    loss.sum().backward()
+    assert torch.allclose(e_w.grad, -0.5 * dl_dh, atol=1e-10)
+    assert torch.allclose(e_l.grad, 0.5 * dl_dh, atol=1e-10)
+    at_init = dpo_loss(r_w, r_l, r_w, r_l, beta, loss_type)[0]
+    assert torch.allclose(at_init, torch.full((4,), {"sigmoid": math.log(2.0), "ipo": 0.25, "hinge": 1.0}[loss_type],
+                                              dtype=torch.float64))
+    if loss_type == "hinge":  # pair 0 is ranked right by more than 1/beta: no gradient
+        assert float(beta * h[0]) > 1 and e_w.grad[0] == 0
+    with pytest.raises(ValueError, match="loss_type must be one of sigmoid, ipo, hinge"):
+        dpo_loss(e_w, e_l, r_w, r_l, beta, "kto")
+
+
+@pytest.mark.parametrize("loss_type,at_init,slope", [("ipo", 0.25, -1.0), ("hinge", 1.0, -1.0)])
+def test_loss_type_in_the_trainer_at_init(tiny_model_dir, tmp_path, loss_type, at_init, slope):
+    """At the reference (inside = 0) every loss type's value is its formula's and its gradient is
+    dL/dinside(0) = slope times d inside = -beta/2 grad(e_w - e_l); the sigmoid's slope is -1/2."""
+    tr = make_dpo(tiny_model_dir, tmp_path, pairs="unused", beta=40.0, loss_type=loss_type)
+    base = make_dpo(tiny_model_dir, tmp_path, pairs="unused", beta=40.0, run_dir="base")
+    x_w, x_l, noise, t = draws(tr, 3)
+    grads = []
+    for trainer in (tr, base):
+        cond = trainer.encode(["a red cube", "a blue ball", "a cat"])
+        loss, _ = trainer.pair_losses(x_w, x_l, cond, noise, t)
+        if trainer is tr:
+            assert torch.allclose(loss.detach(), torch.full((3,), at_init), atol=1e-6)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        grads.append(flat_grad(trainer.params))
+    assert grads[1].norm() > 0
+    assert float((grads[0] - (slope / -0.5) * grads[1]).norm() / grads[0].norm()) < 1e-5
+
+
 def test_swapping_winner_and_loser_flips_the_gradient(tiny_model_dir, tmp_path):
     tr = make_dpo(tiny_model_dir, tmp_path, pairs="unused")
     x_w, x_l, noise, t = draws(tr, 2, seed=1)
@@ -168,7 +231,7 @@ def test_beta_defaults_per_family_and_config_errors_teach(tiny_model_dir, tmp_pa
     with pytest.raises(ValueError, match="dpo.pairs is required offline"):
         DPOConfig()
     with pytest.raises(ValueError, match="pairing must be"):
-        DPOConfig(pairs="x", pairing="random")
+        DPOConfig(mode="online", pairing="random")
     with pytest.raises(ValueError, match="time_distribution: uniform"):
         make_dpo(tiny_model_dir, tmp_path, family="sd", variant="eps", pairs="x", time_distribution="logit_normal")
     with pytest.raises(ValueError, match="uses no reward"):
@@ -178,6 +241,51 @@ def test_beta_defaults_per_family_and_config_errors_teach(tiny_model_dir, tmp_pa
     with pytest.raises(ValueError, match="does not fit"):
         make_dpo(tiny_model_dir, tmp_path, mode="online", rollout_kernel="ddim",
                  rewards={"brightness": (Brightness(), 1.0)})
+
+
+def test_dpo_config_picks_the_mode_and_refuses_the_other_modes_settings():
+    from visalign.config import ConfigError
+    from visalign.trainers.dpo import DPOTrainer, OfflineDPOConfig, OnlineDPOConfig
+    from visalign.trainers.recipe import load_recipe
+
+    off, on = DPOConfig(pairs="x"), DPOConfig(mode="online", pairing="all")
+    assert type(off) is OfflineDPOConfig and type(on) is OnlineDPOConfig and on.pairing == "all"
+    assert not hasattr(off, "group_size") and not hasattr(on, "pairs")  # no setting that means nothing
+    assert off.loss_type == on.loss_type == "sigmoid"
+    with pytest.raises(ValueError, match=r"dpo.group_size is a setting of online DPO .* set dpo.mode: online"):
+        DPOConfig(pairs="x", group_size=4)
+    with pytest.raises(ValueError, match=r"dpo.hflip is a setting of offline DPO .* set dpo.mode: offline"):
+        DPOConfig(mode="online", hflip=True)
+    with pytest.raises(ValueError, match="mode must be offline or online"):
+        DPOConfig(mode="both")
+    with pytest.raises(ValueError, match="loss_type must be one of sigmoid, ipo, hinge"):
+        DPOConfig(pairs="x", loss_type="kto")
+    with pytest.raises(TypeError, match="OfflineDPOConfig or an OnlineDPOConfig"):
+        DPOTrainer.from_parts(None, object())
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "toy" / "dpo_offline.yaml"
+    assert type(load_recipe(recipe).config) is OfflineDPOConfig
+    assert load_recipe(recipe, ["dpo.loss_type=ipo"]).config.loss_type == "ipo"
+    with pytest.raises(ConfigError, match=r"dpo.pairing is a setting of online DPO"):
+        load_recipe(recipe, ["dpo.pairing=all"])
+    with pytest.raises(ConfigError, match=r"dpo.num_steps is a setting of online DPO"):
+        load_recipe(recipe, ["dpo.num_steps=4"])
+    online = recipe.with_name("dpo_online.yaml")
+    assert type(load_recipe(online).config) is OnlineDPOConfig
+    with pytest.raises(ConfigError, match=r"dpo.pairs is a setting of offline DPO"):
+        load_recipe(online, ["dpo.pairs=x"])
+    with pytest.raises(ConfigError, match="unknown key 'dpo.pairz'"):
+        load_recipe(recipe, ["dpo.pairz=x"])
+
+
+def test_the_two_modes_are_a_plain_trainer_and_a_group_trainer(tiny_model_dir, tmp_path):
+    from visalign.trainers.base import Trainer
+    from visalign.trainers.group import GroupTrainer
+    from visalign.trainers.dpo import OfflineDPOTrainer, OnlineDPOTrainer
+
+    off = make_dpo(tiny_model_dir, tmp_path, pairs="x")
+    on = make_dpo(tiny_model_dir, tmp_path, mode="online", rewards={"brightness": (Brightness(), 1.0)}, run_dir="on")
+    assert type(off) is OfflineDPOTrainer and isinstance(off, Trainer) and not isinstance(off, GroupTrainer)
+    assert type(on) is OnlineDPOTrainer and isinstance(on, GroupTrainer)
 
 
 # ---- training behaviour -------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ Sources (``DPOConfig.pairs``):
   (``visalign.toy.pairs``).
 
 The first epoch is expensive (decode, resize, VAE-encode every image), so :func:`build_latent_cache`
-does it once: images are decoded in worker processes, a file that does not decode is reported and
-its pair skipped (never fatal), the latents are written to safetensors shards (atomically; an
+does it once: images are decoded in worker processes (:mod:`visalign.media`, the gallery's readers),
+a file that does not decode is reported by name and its pair skipped (never fatal), the latents are written to safetensors shards (atomically; an
 interrupted build resumes at the first missing shard), and :class:`LatentCache` reads pairs back by
 index through memory maps.  The cache folder's name is a hash of the source, the model's VAE and the
 image geometry, so another model or resolution never reads stale latents.
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -41,8 +40,6 @@ __all__ = ["PairRecord", "open_pairs", "register_pair_source", "pair_sources", "
 
 #: bump when the cache layout or the preprocessing changes
 CACHE_VERSION = 1
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-_VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".avi", ".mkv"}
 
 
 @dataclass
@@ -161,22 +158,20 @@ def _jsonl_source(path: Path) -> PairSource:
         return p if p.is_absolute() else root / p
 
     def iterate():
+        from visalign.io import iter_jsonl
+
         stats.update(rows=0, ties=0)
-        with open(path) as f:
-            for n, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    prompt, chosen, rejected = str(row["prompt"]), row["chosen"], row["rejected"]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}:{n + 1}: a pair needs prompt, chosen and rejected ({err}); got "
-                                     f"{line.strip()[:120]!r}") from None
-                stats["rows"] += 1
-                scores = None
-                if row.get("chosen_score") is not None and row.get("rejected_score") is not None:
-                    scores = (float(row["chosen_score"]), float(row["rejected_score"]))
-                yield PairRecord(prompt, resolve(chosen), resolve(rejected), f"{path.name}:{n + 1}", scores)
+        for n, row in iter_jsonl(path, strict=True):
+            try:
+                prompt, chosen, rejected = str(row["prompt"]), row["chosen"], row["rejected"]
+            except (KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{n}: a pair needs prompt, chosen and rejected ({err}); got "
+                                 f"{json.dumps(row)[:120]!r}") from None
+            stats["rows"] += 1
+            scores = None
+            if row.get("chosen_score") is not None and row.get("rejected_score") is not None:
+                scores = (float(row["chosen_score"]), float(row["rejected_score"]))
+            yield PairRecord(prompt, resolve(chosen), resolve(rejected), f"{path.name}:{n}", scores)
 
     return PairSource(f"jsonl:{_file_identity([path])}", iterate, stats)
 
@@ -295,49 +290,41 @@ def _to_tensor(img) -> torch.Tensor:
 
 
 def decode_image(data, height: int, width: int) -> torch.Tensor:
-    """Encoded bytes or a path -> ``(3, height, width)`` float in ``[0, 1]`` (RGB, resized and
-    centre-cropped).  Raises on a file that does not decode (callers report and skip it)."""
+    """Encoded bytes, a path or a Pillow image -> ``(3, height, width)`` float in ``[0, 1]`` (RGB as
+    :mod:`visalign.media` reads it, resized and centre-cropped; an animation's first frame).  Raises
+    :class:`~visalign.media.MediaError` naming the file when it does not decode (callers report and
+    skip it)."""
     from PIL import Image
 
-    if isinstance(data, Image.Image):  # a dataset that decodes its images itself
-        return _to_tensor(_resize_crop(data.convert("RGB"), height, width))
-    src = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    with Image.open(src) as img:
-        img.load()
-        return _to_tensor(_resize_crop(img.convert("RGB"), height, width))
+    from visalign.media import read_image
+
+    pixels, _ = read_image(data, max_frames=1)
+    return _to_tensor(_resize_crop(Image.fromarray(pixels), height, width))
 
 
 def _frames(data) -> list:
-    from PIL import Image
+    """The frames of a folder of frame images, a video file (:data:`visalign.media.VIDEO_SUFFIXES`)
+    or an animation, as ``(H, W, 3)`` uint8 arrays."""
+    from visalign.media import read_frame_folder, read_media
 
     path = Path(data)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-        if not files:
-            raise ValueError(f"no image frames in {path}")
-        out = []
-        for p in files:
-            with Image.open(p) as im:
-                out.append(im.convert("RGB"))
-        return out
-    try:
-        import av
-    except ImportError:
-        raise ImportError(f"decoding {path.name} needs PyAV: pip install 'visalign[video]' (or give a folder of "
-                          "frame images)") from None
-    with av.open(str(path)) as container:
-        return [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
+        return read_frame_folder(path)
+    pixels, _ = read_media(path)
+    return list(pixels) if pixels.ndim == 4 else [pixels]
 
 
 def load_media(data, height: int, width: int, num_frames: int | None) -> torch.Tensor:
     """An image ``(3, H, W)`` or, with ``num_frames``, a video ``(F, 3, H, W)`` (its first
     ``num_frames`` frames; a folder of frame images or a video file) in ``[0, 1]``."""
+    from PIL import Image
+
     if num_frames is None:
         return decode_image(data, height, width)
     frames = _frames(data)
     if len(frames) < num_frames:
-        raise ValueError(f"{len(frames)} frames, fewer than the {num_frames} needed")
-    return torch.stack([_to_tensor(_resize_crop(f, height, width)) for f in frames[:num_frames]])
+        raise ValueError(f"{data}: {len(frames)} frames, fewer than the {num_frames} needed")
+    return torch.stack([_to_tensor(_resize_crop(Image.fromarray(f), height, width)) for f in frames[:num_frames]])
 
 
 def _decode_pair(args):

@@ -1,19 +1,19 @@
-"""``DPOTrainer``: Diffusion-DPO (Wallace et al. 2023, "Diffusion Model Alignment Using Direct
+"""DPO trainers: Diffusion-DPO (Wallace et al. 2023, "Diffusion Model Alignment Using Direct
 Preference Optimization") for eps / v models and Flow-DPO (Liu et al. 2025, "Improving Video
-Generation with Human Feedback") for rectified-flow models, offline from preference pairs and online
-from the model's own groups ranked by a reward (D3PO, Yang et al. 2024, "Using Human Feedback to
-Fine-tune Diffusion Models without Any Reward Model"; Flow-GRPO's online DPO).
+Generation with Human Feedback") for rectified-flow models.
 
-For a pair (winner ``w``, loser ``l``) of clean latents with the *same* noise ``eps`` and time ``t``:
-``x_t = add_noise(x0, eps, t)``, target ``u = training_target(x0, eps, t)`` (``eps``, ``v`` or
-``eps - x0``), ``e = mean((pred(x_t, t, c) - u)^2)`` over every latent dimension, and
+- :class:`OfflineDPOTrainer` (a :class:`Trainer`) trains on labelled pairs from a dataset through a
+  VAE-latent cache, one optimizer step per iteration;
+- :class:`OnlineDPOTrainer` (a :class:`GroupTrainer`) trains on the model's own groups ranked by a
+  reward (D3PO, Yang et al. 2024, "Using Human Feedback to Fine-tune Diffusion Models without Any
+  Reward Model"; Flow-GRPO's online DPO);
+- :class:`DPOTrainer` (``algorithm: dpo``) builds the one its config's ``mode`` names.
 
-    inside = -beta / 2 * ((e_w - e_l) - (e_w_ref - e_l_ref))
-    loss   = -log sigmoid(inside)   [+ sft_weight * e_w]
-
-with ``e_ref`` from the reference model (``sampler.reference()``: LoRA off, or a kept copy; online
-optionally the weights of ``ref_refresh_every`` iterations ago).  At initialisation the model is the
-reference, ``inside = 0`` and the loss is ``log 2``.  The implicit reward accuracy is the fraction of
+Both share the pair objective of :mod:`.loss` (:class:`~.loss.DPOPairLoss`): for a pair with the
+same noise and time, ``inside = -beta / 2 * ((e_w - e_l) - (e_w_ref - e_l_ref))`` and a loss of it
+(``loss_type``; Diffusion-DPO's ``-log sigmoid(inside)`` by default) ``[+ sft_weight * e_w]``, with
+``e_ref`` from the reference model (``sampler.reference()``: LoRA off, or a kept copy; optionally the
+weights of ``ref_refresh_every`` iterations ago).  The implicit reward accuracy is the fraction of
 pairs with ``inside > 0`` (the reference script's), the margin is ``mean(inside)``.
 docs/dpo.md gives the equations, defaults and their sources, and the deviations.
 """
@@ -24,178 +24,51 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from ..base import Trainer, derive_seed
 from ..common.data import PromptSampler
 from ..group import GroupBatch, GroupTrainer
-from .config import DPOConfig, default_beta
+from .config import OfflineDPOConfig, OnlineDPOConfig
+from .loss import DPOPairLoss, dpo_loss
 
-__all__ = ["DPOTrainer", "dpo_loss"]
-
-
-def dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair Diffusion-DPO loss ``-log sigmoid(-beta/2 ((e_w - e_l) - (e_w_ref - e_l_ref)))`` and
-    the term inside the sigmoid (the implicit reward margin; > 0 when the pair is ranked right)."""
-    inside = -0.5 * beta * ((err_w - err_l) - (ref_w - ref_l))
-    return -F.logsigmoid(inside), inside
+__all__ = ["DPOTrainer", "OfflineDPOTrainer", "OnlineDPOTrainer", "dpo_loss"]
 
 
-def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error averaged over every non-batch dimension (the reference scripts' mean)."""
-    return ((pred.float() - target) ** 2).flatten(1).mean(1)
+def _refuse_rewards(rewards) -> None:
+    if rewards:
+        raise ValueError(f"offline DPO trains on labelled pairs and uses no reward; remove rewards "
+                         f"({', '.join(rewards)}) with rewards: {{}} (keep them in eval_rewards), or set "
+                         "dpo.mode: online")
 
 
-class DPOTrainer(GroupTrainer):
-    """Diffusion-DPO / Flow-DPO on any Sampler (see the module docstring).
+class OfflineDPOTrainer(DPOPairLoss, Trainer):
+    """Diffusion-DPO / Flow-DPO on labelled pairs (see the module docstring).
 
     Args:
         sampler: the model; a reference is needed (LoRA adapters, or a kept copy for full tuning).
-        rewards: ``{name: (reward, weight)}`` that rank the online groups; ``None`` / empty offline.
-        config: :class:`DPOConfig`.
+        config: :class:`OfflineDPOConfig`.
         The other arguments are :class:`Trainer`'s.
     """
 
     algorithm = "dpo"
     progress_keys = ("loss", "implicit_acc")
-    needs_rewards = False  # offline needs none; the online mode checks for its own
 
-    def __init__(self, sampler, rewards, config: DPOConfig, **kwargs) -> None:
-        flow = sampler.parameterization == "flow"
-        if config.time_distribution == "logit_normal" and not flow:
-            raise ValueError(f"dpo.time_distribution: {sampler.family} is {sampler.parameterization}-prediction and "
-                             "trains on integer DDPM timesteps: set time_distribution: uniform (or null)")
-        if config.mode == "online":
-            if not rewards:
-                raise ValueError("dpo.mode: online ranks each group with the recipe's rewards; give at least one "
-                                 "(e.g. rewards: {shapes-proxy: 1.0}) or set dpo.mode: offline with dpo.pairs")
-            kernel_ok = {"ode": True, "ddim": not flow, "flow_sde": flow, "flow_cps": flow}[config.rollout_kernel]
-            if not kernel_ok:
-                raise ValueError(f"dpo.rollout_kernel {config.rollout_kernel!r} does not fit a "
-                                 f"{sampler.parameterization}-prediction model: use ode or "
-                                 f"{'flow_sde / flow_cps' if flow else 'ddim'}")
-            super().__init__(sampler, rewards, config, **kwargs)
-        else:
-            if rewards:
-                raise ValueError(f"offline DPO trains on labelled pairs and uses no reward; remove rewards "
-                                 f"({', '.join(rewards)}) with rewards: {{}} (keep them in eval_rewards), or set "
-                                 "dpo.mode: online")
-            Trainer.__init__(self, sampler, config, **kwargs)
-            config.check_geometry(self.acc.num_processes)
-            self.reward, self.reward_weights, self.per_prompt = None, {}, None
-        self.beta = float(config.beta) if config.beta is not None else default_beta(sampler.family,
-                                                                                     sampler.parameterization)
+    @classmethod
+    def from_parts(cls, sampler, config, *, rewards=None, **kwargs) -> "OfflineDPOTrainer":
+        _refuse_rewards(rewards)
+        return cls(sampler, config, **kwargs)
+
+    def __init__(self, sampler, config: OfflineDPOConfig, **kwargs) -> None:
+        if not isinstance(config, OfflineDPOConfig):
+            raise TypeError(f"OfflineDPOTrainer takes an OfflineDPOConfig, got {type(config).__name__}")
+        self._check_sampler(sampler, config)
+        super().__init__(sampler, config, **kwargs)
+        self._setup_pairs()
         self._cache = None
         self.pair_sampler: PromptSampler | None = None
         self._pending_pair_state: dict | None = None
-        if config.ref_refresh_every:  # the DPO name of the floor's adaptive reference
-            if self.guards.reference_refresh_every not in (0, config.ref_refresh_every):
-                raise ValueError(f"dpo.ref_refresh_every ({config.ref_refresh_every}) and "
-                                 f"guards.reference_refresh_every ({self.guards.reference_refresh_every}) disagree: "
-                                 "set one of them")
-            self.guards.reference_refresh_every = config.ref_refresh_every
-        self.reward_calls = 0
 
-    # ---- geometry ------------------------------------------------------------------------------
-    @property
-    def steps_per_iteration(self) -> int:
-        c = self.config
-        if c.mode == "offline":
-            return 1
-        groups = c.prompts_per_iteration // self.acc.num_processes
-        pairs = groups * (1 if c.pairing == "best_worst" else c.group_size * (c.group_size - 1) // 2)
-        return max(1, c.inner_epochs * math.ceil(pairs / (c.train_batch_size * c.gradient_accumulation)))
-
-    @property
-    def eval_guidance(self) -> float:
-        return float(self.config.guidance_scale)
-
-    # ---- the reference ---------------------------------------------------------------------------
-    def reference(self):
-        """The reference model: the base (``sampler.reference()``: LoRA off or a kept copy), or, after a
-        refresh (``ref_refresh_every`` / ``guards.reference_refresh_every``), the weights of that moment
-        (``Sampler.refresh_reference``: a frozen second adapter or module copy)."""
-        return self.sampler.reference()
-
-    def refresh_reference(self) -> None:
-        """The reference becomes the current weights now (the floor does this every
-        ``ref_refresh_every`` iterations; checkpointed with the run)."""
-        self.sampler.refresh_reference()
-        self.reference_refreshes += 1
-
-    # ---- the loss of a micro-batch of pairs -------------------------------------------------------
-    def draw_times(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """Training times of ``n`` pairs: integer DDPM timesteps (uniform) or flow noise levels (logit-
-        normal by default, optionally shifted)."""
-        c = self.config
-        flow = self.sampler.parameterization == "flow"
-        dist = c.time_distribution or ("logit_normal" if flow else "uniform")
-        t = self.sampler.sample_times(n, generator, distribution=dist, logit_mean=c.logit_mean, logit_std=c.logit_std)
-        if flow and c.time_shift != 1.0:
-            t = c.time_shift * t / (1 + (c.time_shift - 1) * t)
-        return t
-
-    def pair_losses(self, x_w: torch.Tensor, x_l: torch.Tensor, cond, noise: torch.Tensor, t: torch.Tensor):
-        """Per-pair loss ``(b,)`` and statistics for winners ``x_w`` and losers ``x_l`` (clean latents),
-        their conditioning ``cond`` and one shared draw of ``noise`` / ``t`` per pair."""
-        c, s = self.config, self.sampler
-        dev = s.device
-        x = torch.cat([x_w, x_l]).to(dev)
-        nz = torch.cat([noise, noise]).to(dev)
-        tt = torch.cat([t, t]).to(dev)
-        from visalign.samplers import Conditioning
-
-        cc = Conditioning.cat([cond, cond])
-        x_t = s.add_noise(x, nz, tt)
-        target = s.training_target(x, nz, tt)
-        g = c.train_guidance_scale
-        with torch.no_grad(), self.reference(), self.acc.autocast():
-            ref_err = _mse(s.predict_at(x_t, tt, cc, g), target)
-        with self.acc.autocast():
-            err = _mse(s.predict_at(x_t, tt, cc, g), target)
-        n = x_w.shape[0]
-        loss, inside = dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], self.beta)
-        if c.sft_weight > 0:
-            loss = loss + c.sft_weight * err[:n]
-        e = err.detach()
-        return loss, {"inside": inside.detach(), "mse_w": e[:n], "mse_l": e[n:], "ref_mse_w": ref_err[:n],
-                      "ref_mse_l": ref_err[n:]}
-
-    def _update(self, x_w: torch.Tensor, x_l: torch.Tensor, cond_of, gen: torch.Generator) -> dict:
-        """Optimizer steps over ``len(x_w)`` pairs (all the draws first, then
-        :meth:`~GroupTrainer.minibatch_updates`); ``cond_of(rows)`` gives the conditioning of pairs ``rows``."""
-        c = self.config
-        n, k = x_w.shape[0], c.timesteps_per_pair
-        noise = torch.randn((k, *x_w.shape), generator=gen)
-        times = torch.stack([self.draw_times(n, gen) for _ in range(k)])
-
-        def terms(mb):
-            cond = cond_of(mb)
-            for j in range(k):
-                yield self.pair_losses(x_w[mb], x_l[mb], cond, noise[j, mb], times[j, mb])
-
-        t0 = time.perf_counter()
-        out = self.minibatch_updates(torch.arange(n), gen, k, terms)
-        st = out.pop("stats")
-        row = {**out, "pairs": n, "time/train": time.perf_counter() - t0}
-        if "inside" in st:
-            inside = st["inside"]
-            row.update({"implicit_acc": float((inside > 0).float().mean()), "margin": float(inside.mean()),
-                        "model_mse_w": float(st["mse_w"].mean()), "model_mse_l": float(st["mse_l"].mean()),
-                        "ref_mse_w": float(st["ref_mse_w"].mean()), "ref_mse_l": float(st["ref_mse_l"].mean())})
-        return row
-
-    def encode(self, prompts: list[str]):
-        """Conditioning of ``prompts``, each encoded on its own (cached when
-        ``run.cache_prompt_embeddings``): an embedding then does not depend on the batch it was first
-        encoded in (batched text encoders differ in the last bits), so a resumed run equals an
-        uninterrupted one exactly."""
-        from visalign.samplers import Conditioning
-
-        return Conditioning.cat([super(DPOTrainer, self).encode([p]) for p in prompts])
-
-    # ---- offline ------------------------------------------------------------------------------------
+    # ---- the pairs -------------------------------------------------------------------------------
     @property
     def cache(self):
         """The pairs' latent cache, built on first use (the main process first; the others then read it)."""
@@ -227,7 +100,36 @@ class DPOTrainer(GroupTrainer):
         dh, dw = self.sampler.default_size()
         return int(self.size.get("height") or dh), int(self.size.get("width") or dw)
 
-    def _offline_step(self, it: int) -> dict:
+    # ---- one iteration: one optimizer step ----------------------------------------------------------
+    def _update(self, x_w: torch.Tensor, x_l: torch.Tensor, cond_of, gen: torch.Generator) -> dict:
+        """One optimizer step over ``len(x_w)`` pairs, in micro-batches of ``train_batch_size`` pairs
+        (in a random order); ``cond_of(rows)`` gives the conditioning of pairs ``rows``."""
+        c = self.config
+        n, k = x_w.shape[0], c.timesteps_per_pair
+        noise, times = self.pair_draws(x_w, gen)
+        stats: dict[str, list[torch.Tensor]] = {}
+        t0 = time.perf_counter()
+        order = torch.randperm(n, generator=gen)
+
+        def scaled():
+            for m0 in range(0, n, c.train_batch_size):
+                mb = order[m0: m0 + c.train_batch_size]
+                cond = cond_of(mb)
+                for j in range(k):
+                    loss, st = self.pair_losses(x_w[mb], x_l[mb], cond, noise[j, mb], times[j, mb])
+                    yield loss.sum() / (n * k)  # a non-finite one ends the step here: no stats
+                    for name, val in st.items():
+                        stats.setdefault(name, []).append(val.detach().cpu())
+
+        result = self.optimizer_step(scaled)
+        nan = float("nan")
+        row = {"loss": nan if result.skipped else result.loss, "grad_norm": nan if result.skipped else result.grad_norm,
+               "optimizer_steps": 0 if result.skipped else 1, "skipped_steps": int(result.skipped), "pairs": n,
+               "time/train": time.perf_counter() - t0}
+        row.update(self.pair_metrics({name: torch.cat(v) for name, v in stats.items()}))
+        return row
+
+    def train_step(self, it: int) -> dict:
         c, acc = self.config, self.acc
         cache = self.cache
         gen = torch.Generator().manual_seed(derive_seed(self.run.seed, it, acc.process_index, 2))
@@ -250,7 +152,64 @@ class DPOTrainer(GroupTrainer):
                         "reward/rejected": float(scores[:, 1].mean()), "reward/valid_fraction": 1.0})
         return row
 
-    # ---- online ---------------------------------------------------------------------------------------
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        pairs = self.pair_sampler.state_dict() if self.pair_sampler is not None else self._pending_pair_state
+        state["dpo"] = {"pair_sampler": pairs}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        dpo = state.get("dpo") or {}
+        if dpo.get("pair_sampler") is not None:
+            if self.pair_sampler is not None:
+                self.pair_sampler.load_state_dict(dpo["pair_sampler"])
+            else:
+                self._pending_pair_state = dict(dpo["pair_sampler"])
+
+
+class OnlineDPOTrainer(DPOPairLoss, GroupTrainer):
+    """DPO on the model's own groups ranked by a reward (see the module docstring).
+
+    Args:
+        sampler: the model; a reference is needed (LoRA adapters, or a kept copy for full tuning).
+        rewards: ``{name: (reward, weight)}`` that rank the groups (at least one).
+        config: :class:`OnlineDPOConfig`.
+        The other arguments are :class:`Trainer`'s.
+    """
+
+    algorithm = "dpo"
+    progress_keys = ("loss", "implicit_acc")
+
+    def __init__(self, sampler, rewards, config: OnlineDPOConfig, **kwargs) -> None:
+        if not isinstance(config, OnlineDPOConfig):
+            raise TypeError(f"OnlineDPOTrainer takes an OnlineDPOConfig, got {type(config).__name__}")
+        self._check_sampler(sampler, config)
+        if not rewards:
+            raise ValueError("dpo.mode: online ranks each group with the recipe's rewards; give at least one "
+                             "(e.g. rewards: {shapes-proxy: 1.0}) or set dpo.mode: offline with dpo.pairs")
+        flow = sampler.parameterization == "flow"
+        kernel_ok = {"ode": True, "ddim": not flow, "flow_sde": flow, "flow_cps": flow}[config.rollout_kernel]
+        if not kernel_ok:
+            raise ValueError(f"dpo.rollout_kernel {config.rollout_kernel!r} does not fit a "
+                             f"{sampler.parameterization}-prediction model: use ode or "
+                             f"{'flow_sde / flow_cps' if flow else 'ddim'}")
+        super().__init__(sampler, rewards, config, **kwargs)
+        self._setup_pairs()
+        self.reward_calls = 0
+
+    @property
+    def steps_per_iteration(self) -> int:
+        c = self.config
+        groups = c.prompts_per_iteration // self.acc.num_processes
+        pairs = groups * (1 if c.pairing == "best_worst" else c.group_size * (c.group_size - 1) // 2)
+        return max(1, c.inner_epochs * math.ceil(pairs / (c.train_batch_size * c.gradient_accumulation)))
+
+    @property
+    def eval_guidance(self) -> float:
+        return float(self.config.guidance_scale)
+
     def rollout_options(self, it: int, n_prompts: int, generator: torch.Generator) -> dict:
         c = self.config
         if c.rollout_kernel == "ode":
@@ -283,8 +242,23 @@ class DPOTrainer(GroupTrainer):
                     gaps.append(gap)
         return torch.tensor(w_rows, dtype=torch.long), torch.tensor(l_rows, dtype=torch.long), torch.tensor(gaps)
 
-    def _online_step(self, it: int) -> dict:
-        c = self.config
+    def _update(self, x_w: torch.Tensor, x_l: torch.Tensor, cond_of, gen: torch.Generator) -> dict:
+        """Optimizer steps over ``len(x_w)`` pairs (all the draws first, then
+        :meth:`~GroupTrainer.minibatch_updates`); ``cond_of(rows)`` gives the conditioning of pairs ``rows``."""
+        n, k = x_w.shape[0], self.config.timesteps_per_pair
+        noise, times = self.pair_draws(x_w, gen)
+
+        def terms(mb):
+            cond = cond_of(mb)
+            for j in range(k):
+                yield self.pair_losses(x_w[mb], x_l[mb], cond, noise[j, mb], times[j, mb])
+
+        t0 = time.perf_counter()
+        out = self.minibatch_updates(torch.arange(n), gen, k, terms)
+        st = out.pop("stats")
+        return {**out, "pairs": n, "time/train": time.perf_counter() - t0, **self.pair_metrics(st)}
+
+    def train_step(self, it: int) -> dict:
         batch = self.collect_groups(it)
         self.reward_calls += int(batch.all_scores.numel())
         w_rows, l_rows, gaps = self.make_pairs(batch)
@@ -304,28 +278,40 @@ class DPOTrainer(GroupTrainer):
                     "reward/rejected": float(batch.scores[l_rows].mean())})
         return row
 
-    def train_step(self, it: int) -> dict:
-        if self.config.mode == "online":
-            return self._online_step(it)
-        return self._offline_step(it)
-
-    def plot_keys(self, last: dict, final_eval: dict) -> tuple[list[str], list[str]]:
-        train, evals = super().plot_keys(last, final_eval)
-        return [k for k in ("loss", "implicit_acc", "reward/mean") if k in last] or train, evals
-
     # ---- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = super().state_dict()
-        pairs = self.pair_sampler.state_dict() if self.pair_sampler is not None else self._pending_pair_state
-        state["dpo"] = {"pair_sampler": pairs, "reward_calls": self.reward_calls}
+        state["dpo"] = {"reward_calls": self.reward_calls}
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        dpo = state.get("dpo") or {}
-        self.reward_calls = int(dpo.get("reward_calls", 0))
-        if dpo.get("pair_sampler") is not None:
-            if self.pair_sampler is not None:
-                self.pair_sampler.load_state_dict(dpo["pair_sampler"])
-            else:
-                self._pending_pair_state = dict(dpo["pair_sampler"])
+        self.reward_calls = int((state.get("dpo") or {}).get("reward_calls", 0))
+
+
+class DPOTrainer:
+    """``algorithm: dpo``: :class:`OfflineDPOTrainer` for an :class:`OfflineDPOConfig` (labelled pairs),
+    :class:`OnlineDPOTrainer` for an :class:`OnlineDPOConfig` (reward-ranked groups).
+
+    ``DPOTrainer(sampler, rewards, config, **kwargs)`` returns an instance of that class; offline,
+    ``rewards`` must be empty (the pairs carry the preferences).
+    """
+
+    algorithm = "dpo"
+    #: offline needs none; the online trainer checks for its own
+    needs_rewards = False
+
+    def __new__(cls, sampler, rewards, config, **kwargs) -> OfflineDPOTrainer | OnlineDPOTrainer:
+        if isinstance(config, OnlineDPOConfig):
+            return OnlineDPOTrainer(sampler, rewards, config, **kwargs)
+        return cls.from_parts(sampler, config, rewards=rewards, **kwargs)
+
+    @classmethod
+    def from_parts(cls, sampler, config, *, rewards=None, **kwargs) -> OfflineDPOTrainer | OnlineDPOTrainer:
+        """Build from a recipe's loaded parts (``visalign.trainers.build_trainer``)."""
+        if isinstance(config, OnlineDPOConfig):
+            return OnlineDPOTrainer.from_parts(sampler, config, rewards=rewards, **kwargs)
+        if isinstance(config, OfflineDPOConfig):
+            return OfflineDPOTrainer.from_parts(sampler, config, rewards=rewards, **kwargs)
+        raise TypeError(f"DPOTrainer takes an OfflineDPOConfig or an OnlineDPOConfig (DPOConfig(mode=...) builds "
+                        f"one), got {type(config).__name__}")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import UsageError
+from ..io import iter_jsonl
 from .decode import IMAGE_EXTS, VIDEO_EXTS
 
 __all__ = ["GalleryUsageError", "Item", "discover", "file_key", "read_mapping", "task_metadata", "GENEVAL_KEYS"]
@@ -105,11 +106,7 @@ def _manifest(folder: Path, cache: dict[Path, dict[str, tuple[dict, str]] | None
         rows: dict[str, tuple[dict, str]] | None = None
         if m.is_file():
             rows = {}
-            for n, line in enumerate(m.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a killed writer's last line
+            for n, row in iter_jsonl(m, errors="replace"):  # a killed writer's last line is skipped
                 if isinstance(row, dict) and "file" in row and "prompt" in row:
                     rows[file_key(str(folder / str(row["file"])))] = (row, f"{m}:{n}")
         cache[folder] = rows
@@ -195,13 +192,10 @@ def read_mapping(path: str | Path) -> dict[str, str]:
         if not isinstance(rows, list):
             raise GalleryUsageError(f"--prompts {path}: a .json mapping is a list of {{file, prompt}} objects")
     elif path.suffix.lower() == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise GalleryUsageError(f"--prompts {path}:{n}: not JSON ({err.msg})") from None
+        try:
+            rows = [row for _, row in iter_jsonl(path, strict=True, errors="replace")]
+        except ValueError as err:
+            raise GalleryUsageError(f"--prompts {err}") from None
     elif path.suffix.lower() in (".csv", ".tsv"):
         rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
     else:
