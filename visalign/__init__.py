@@ -5,7 +5,8 @@
 - ``visalign.samplers``  the Sampler contract and the model-family adapters
 - ``visalign.rewards``   reward models and composition
 - ``visalign.trainers``  training and steering algorithms
-- ``visalign.toy``       the shapes toy world
+- ``visalign.toy``       the shapes toy world (a plug-in: ``visalign/toy/plugin.py``)
+- ``visalign.registry``  the registries of names and plug-in loading (docs/architecture.md, "Plug-ins")
 """
 
 __version__ = "0.1.0"
