@@ -43,7 +43,7 @@ def main() -> None:
 
     from visalign.rewards.head_data import LabelledSet
     from visalign.rewards.head_train import update
-    from visalign.rewards.shapes_proxy import ShapesProxyReward
+    from visalign.toy.proxy_reward import ShapesProxyReward
     from visalign.trainers.common.checkpoint import latest_checkpoint, load_checkpoint
     from visalign.trainers.common.refresh import expand_ensemble, head_agreement
 

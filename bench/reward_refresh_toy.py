@@ -93,7 +93,7 @@ def frozen_accuracy(run_dir: str | Path, proxy_dir: str, samples: int) -> list[f
     ``refresh/accuracy_before`` on the same samples."""
     import torch
 
-    from visalign.rewards.shapes_proxy import ShapesProxyReward
+    from visalign.toy.proxy_reward import ShapesProxyReward
     from visalign.trainers.common.checkpoint import latest_checkpoint, load_checkpoint
 
     store = load_checkpoint(latest_checkpoint(run_dir))["reward_refresh"]["store"]

@@ -1,7 +1,9 @@
 """The built-in rewards, registered as data (name, facts, where the factory lives).
 
-Adding a reward: write its module, then add one ``register(RewardInfo(...), "module:Factory")``
-line here.  Nothing here imports model code.
+Adding a built-in reward: write its module, then add one ``register(RewardInfo(...),
+"module:Factory")`` line here (the module relative to ``visalign.rewards``).  Nothing here imports
+model code.  A package outside visalign registers its rewards with
+:func:`visalign.rewards.register` and absolute targets instead (docs/rewards.md).
 """
 
 from .base import RewardInfo
@@ -19,7 +21,6 @@ register(RewardInfo("hpsv2", "v2.1", "Apache-2.0", "image", _IP, (0.2, 0.35), di
 register(RewardInfo("jpeg_compressibility", "1", "none", "image", _I, (-200.0, 0.0), weights="none", description="DDPO: -(JPEG size in kB at quality 95)"), "jpeg:jpeg_compressibility")
 register(RewardInfo("jpeg_incompressibility", "1", "none", "image", _I, (0.0, 200.0), weights="none", description="DDPO: +(JPEG size in kB at quality 95)"), "jpeg:jpeg_incompressibility")
 register(RewardInfo("pickscore", "v1", "NOASSERTION", "image", _IP, (16.0, 26.0), differentiable=True, weights="yuvalkirstain/PickScore_v1 + processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K", description="PickScore: logit_scale.exp() * cos(image, text) of a CLIP-H fine-tuned on Pick-a-Pic"), "clip_rewards:pickscore")
-register(RewardInfo("shapes", "1", "none", "image", _IP, (0.0, 1.0), weights="none", description="toy-world gold verifier: colour segmentation + shape moments, GenEval clauses (partial credit or strict)"), "shapes:ShapesReward")
 register(RewardInfo("temporal_consistency", "1", "Apache-2.0", _V, _I, (0.0, 1.0), differentiable=True, weights="facebook/dinov2-base (or an open_clip CLIP)", description="VBench-style consistency: DINO/CLIP similarity of adjacent frames and to the first frame"), "video:temporal_consistency")
 register(RewardInfo("uncertainty_penalty", "1", "as wrapped", "image", _I, (float("-inf"), float("inf")), differentiable=True, weights="as wrapped", description="a reward minus kappa times its uncertainty component (ensemble std): uncertainty_penalty:reward=head,path=DIR,kappa=1"), "guards:uncertainty_penalty")
 register(RewardInfo("video_frames", "1", "as wrapped", _V, _I, (float("-inf"), float("inf")), differentiable=True, weights="as wrapped", description="any image reward on sampled frames of a video, mean or min over frames (video_frames:reward=aesthetic,frames=8)"), "video:video_frames")
@@ -43,5 +44,3 @@ def catalog_table() -> str:
             f"{'yes' if i.differentiable else 'no'} | {cell(i.licence)} | {cell(i.weights)} | {cell(i.description)} |"
         )
     return "\n".join(rows)
-register(RewardInfo(name="shapes-proxy", version="1", licence="none", modality="image", inputs=("images", "prompts"), native_range=(0.0, 1.0), differentiable=True, weights="assets/shapes-proxy (trained by `visalign rewards train shapes-proxy`)", description="toy-world learned proxy of the gold verifier: head ensemble on a prompt-conditioned CNN, P(strict pass), uncertainty; differentiable"), "shapes_proxy:ShapesProxyReward")
-register(RewardInfo(name="shapes-artifact", version="1", licence="none", modality="image", inputs=("images",), native_range=(0.0, 1.0), differentiable=True, weights="assets/shapes-artifact (trained by `visalign rewards train shapes-artifact`)", description="toy-world artifact reward: P(clean) from a head ensemble on a small CNN, trained on base samples with injected blur / saturation / grid / blotches"), "shapes_artifact:ShapesArtifactReward")

@@ -205,12 +205,15 @@ class CombinedReward(Reward):
 
 
 def combine(rewards: Mapping[str | Reward, float], normalize: Any = "none", transform: Any = None,
-            ensemble: Any = "sum", group_size: int | None = None, **load_options: Any) -> CombinedReward:
+            ensemble: Any = "sum", group_size: int | None = None, shared: Mapping[str, Any] | None = None,
+            **load_options: Any) -> CombinedReward:
     """Combine rewards into one; see the module docstring for the options.
 
     Args:
         rewards: ``{name_or_spec_or_Reward: weight}``; names and spec strings are built with
             :func:`visalign.rewards.load` and ``load_options`` (e.g. ``device``).
+        shared: options offered to every named reward, each taking those its factory accepts
+            (:func:`visalign.rewards.load`'s ``shared``).
         normalize, transform, ensemble: a name or a tuple ``(name, *numbers)`` (or ``"name:n1,n2"``).
         group_size: samples per prompt group for ``normalize="group"``.
 
@@ -223,7 +226,7 @@ def combine(rewards: Mapping[str | Reward, float], normalize: Any = "none", tran
     parts: list[tuple[str, Reward, float]] = []
     names: set[str] = set()
     for key, weight in rewards.items():
-        reward = load_reward(key, **load_options) if isinstance(key, str) else key
+        reward = load_reward(key, shared=shared, **load_options) if isinstance(key, str) else key
         if not isinstance(reward, Reward):
             raise TypeError(f"combine: {key!r} is not a reward name, spec string or Reward")
         name = key if isinstance(key, str) else reward.info.name

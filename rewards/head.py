@@ -20,8 +20,8 @@ Uncertainty Estimation using Deep Ensembles") that uncertainty-aware rewards pen
 
 Backbones.  A *frozen* backbone is one the zoo loads (:mod:`.backbones`: open_clip CLIP or SigLIP,
 transformers CLIP, DINOv2); it is shared with other rewards and never saved in the head.  A
-*trainable* backbone is a small network trained end to end with the heads (``cnn`` below, or a
-registered one such as the toy world's ``shapes-proxy``); its weights are saved with the heads.
+*trainable* backbone is a small network trained end to end with the heads (``cnn`` below, or one
+registered with :func:`register_backbone`); its weights are saved with the heads.
 Either way images go through torch ops only, so the score is differentiable in the pixels.
 """
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -40,6 +39,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from visalign.registry import Registry
 
 from .base import Reward, RewardOutput
 from .loading import load_strict, resolve_device, resolve_dtype
@@ -57,6 +58,7 @@ __all__ = [
     "save_head",
     "load_head",
     "TRAINABLE_BACKBONES",
+    "register_backbone",
 ]
 
 FORMAT = "visalign-reward-head"
@@ -64,12 +66,18 @@ FORMAT_VERSION = 1
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 TASKS = ("pairwise", "rating", "binary")
 FROZEN_KINDS = ("open_clip", "transformers-clip", "dinov2")
-#: trainable backbones: name -> "module:Class" (module absolute); the class takes the config's
-#: ``backbone.options`` as keyword arguments and has ``feature_dim`` and ``uses_prompts``.
-TRAINABLE_BACKBONES: dict[str, str] = {
-    "cnn": "visalign.rewards.head:SmallCNN",
-    "shapes-proxy": "visalign.toy.proxy:ProxyBackbone",
-}
+#: trainable backbones: name -> Entry(the class, or "package.module:Class"); the class takes the
+#: config's ``backbone.options`` as keyword arguments and has ``feature_dim`` and ``uses_prompts``.
+TRAINABLE_BACKBONES = Registry("trainable backbone", unique=True)
+
+
+def register_backbone(name: str, target: str | type) -> None:
+    """Make ``name`` a trainable backbone kind (``backbone.kind: name`` in a reward recipe):
+    ``target`` is an ``nn.Module`` class or its absolute ``"package.module:Class"``."""
+    TRAINABLE_BACKBONES.register(name, target)
+
+
+register_backbone("cnn", "visalign.rewards.head:SmallCNN")
 _DEFAULT_FEATURE = {"open_clip": "embeds", "transformers-clip": "embeds", "dinov2": "cls"}
 
 
@@ -80,7 +88,7 @@ class BackboneConfig:
     Args:
         kind (`str`): ``"open_clip"`` (CLIP or SigLIP through open_clip), ``"transformers-clip"``,
             ``"dinov2"`` (frozen, from the zoo), or a trainable backbone of
-            :data:`TRAINABLE_BACKBONES` (``"cnn"``, ``"shapes-proxy"``).
+            :data:`TRAINABLE_BACKBONES` (``"cnn"``, or one registered with :func:`register_backbone`).
         model (`str`, *optional*): open_clip architecture (``"ViT-L-14"``), or a hub id / folder
             for transformers models.  Required for frozen kinds.
         pretrained (`str`, *optional*): open_clip tag or weights file (``"openai"``).
@@ -155,8 +163,7 @@ def load_frozen_backbone(cfg: BackboneConfig, dtype: Any = None, device: Any = N
 
 
 def build_trainable_backbone(cfg: BackboneConfig) -> nn.Module:
-    module_name, _, attr = TRAINABLE_BACKBONES[cfg.kind].partition(":")
-    cls = getattr(importlib.import_module(module_name), attr)
+    cls = TRAINABLE_BACKBONES.get(cfg.kind)
     try:
         return cls(**cfg.options)
     except TypeError as err:

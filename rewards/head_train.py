@@ -16,13 +16,12 @@ train in one batched pass.  The spread of the members is the reward's uncertaint
 
 Frozen backbones embed every image once; features are cached by content
 (:class:`.head_data.EmbeddingCache`), so training many heads on one data set embeds it once.  A
-trainable backbone (``cnn``, the toy world's ``shapes-proxy``) is trained with the heads, with a
+trainable backbone (``cnn``, or a registered one) is trained with the heads, with a
 data provider's optional extra loss (auxiliary targets) weighted by ``optim.extra_loss_weight``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -35,22 +34,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from visalign.registry import Registry
+
 from .head import TASKS, BackboneConfig, RewardHeadModel, load_frozen_backbone, load_head, save_head
 from .head_data import EmbeddingCache, LabelledSet, read_dataset
 from .head_metrics import binary_metrics, calibration_plot, pairwise_metrics, rating_metrics
 
 __all__ = ["DataConfig", "HeadConfig", "EnsembleConfig", "OptimSettings", "RewardTrainConfig", "PROVIDERS",
-           "train", "update", "finetune", "evaluate", "load_train_config"]
+           "register_provider", "train", "update", "finetune", "evaluate", "load_train_config"]
 
-#: named data providers: name -> "module:function"; the function takes ``seed``, ``log`` and the
-#: config's ``data.options`` and returns {"train": {...}, "val": {...}} (each: uint8 ``images``,
-#: ``prompts``, ``targets`` or ``pairs``, optional ``extras``) with optional ``sample_probs`` (per
-#: training unit), ``extra_loss(aux, extras)`` (for a trainable backbone's auxiliary outputs) and
-#: ``report(val_scores) -> dict`` (more held-out measures).
-PROVIDERS: dict[str, str] = {
-    "shapes-proxy": "visalign.toy.proxy:training_data",
-    "shapes-artifact": "visalign.toy.artifacts:training_data",
-}
+#: named data providers: name -> Entry(function, or "package.module:function"); the function takes
+#: ``seed``, ``log`` and the config's ``data.options`` and returns {"train": {...}, "val": {...}}
+#: (each: uint8 ``images``, ``prompts``, ``targets`` or ``pairs``, optional ``extras``) with optional
+#: ``sample_probs`` (per training unit), ``extra_loss(aux, extras)`` (for a trainable backbone's
+#: auxiliary outputs) and ``report(val_scores) -> dict`` (more held-out measures).
+PROVIDERS = Registry("data provider", unique=True)
+
+
+def register_provider(name: str, target) -> None:
+    """Make ``name`` a data provider (``data: {provider: name}`` in a reward recipe); ``target`` is
+    the function or its absolute ``"package.module:function"``."""
+    PROVIDERS.register(name, target)
 
 
 @dataclass
@@ -79,9 +83,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if (self.train is None) == (self.provider is None):
             raise ValueError("data: give exactly one of data.train (a JSONL / parquet file) or data.provider "
-                             f"(one of {sorted(PROVIDERS)})")
+                             f"(one of {PROVIDERS.available()})")
         if self.provider is not None and self.provider not in PROVIDERS:
-            raise ValueError(f"data.provider={self.provider!r}: choose one of {sorted(PROVIDERS)}")
+            raise ValueError(f"data.provider={self.provider!r}: choose one of {PROVIDERS.available()}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -198,16 +202,14 @@ def _trainable_reads_prompts(kind: str) -> bool:
     """Whether a trainable backbone conditions on the prompt (its class's ``uses_prompts``)."""
     from .head import TRAINABLE_BACKBONES
 
-    target = TRAINABLE_BACKBONES.get(kind)
-    if target is None:  # BackboneConfig names the valid kinds
+    if kind not in TRAINABLE_BACKBONES:  # BackboneConfig names the valid kinds
         return False
-    module_name, _, attr = target.partition(":")
-    return bool(getattr(getattr(importlib.import_module(module_name), attr), "uses_prompts", False))
+    return bool(getattr(TRAINABLE_BACKBONES.get(kind), "uses_prompts", False))
 
 
 def recipe_path(name_or_path: str | os.PathLike) -> Path:
-    """A recipe file, or the name of a shipped one (``shapes-proxy``, ``shapes-artifact``: the
-    ``reward_recipes`` folder of :mod:`visalign.assets`)."""
+    """A recipe file, or the name of a shipped one (the ``reward_recipes`` folder of
+    :mod:`visalign.assets`)."""
     path = Path(name_or_path)
     if path.exists() or path.suffix:
         return path
@@ -250,8 +252,7 @@ def load_data(cfg: RewardTrainConfig, log: Callable[[str], None]) -> tuple[Label
     """(train, val, provider extras) for a recipe."""
     d = cfg.data
     if d.provider is not None:
-        module_name, _, attr = PROVIDERS[d.provider].partition(":")
-        fn = getattr(importlib.import_module(module_name), attr)
+        fn = PROVIDERS.get(d.provider)
         got = fn(seed=cfg.optim.seed, log=log, **d.options)
         return _from_provider(got["train"]), _from_provider(got["val"]), got
     full = read_dataset(d.train, cfg.task, d.max_rows)

@@ -106,20 +106,17 @@ def load_recipe(path, overrides=()) -> TrainRecipe:
 
 
 def _load_reward(spec: str, shared: dict):
-    """Build a reward, passing it only the shared options (device, dtype...) its factory takes."""
+    """``visalign.rewards.load(spec, shared=shared)`` (kept for callers of this name)."""
     import visalign.rewards as vr
-    from visalign.rewards.registry import factory_parameters
 
-    name, _ = vr.parse_spec(spec)
-    accepted = factory_parameters(name)
-    opts = shared if accepted is None else {k: v for k, v in shared.items() if k in accepted}
-    return vr.load(spec, **opts)
+    return vr.load(spec, shared=shared)
 
 
 def build_trainer(recipe: TrainRecipe, accelerator=None):
     """Load the model, LoRA, rewards and prompts of a recipe and return its algorithm's trainer."""
     import torch
 
+    import visalign.rewards as vr
     import visalign.samplers as vs
     from visalign.prompts import load_prompts
 
@@ -134,8 +131,8 @@ def build_trainer(recipe: TrainRecipe, accelerator=None):
     sampler = vs.load(m.name, dtype=m.dtype, device=m.device, **m.options)
     torch.manual_seed(recipe.run.seed)  # LoRA's A matrices: the same on every process
     trainable = add_lora(sampler, recipe.lora) if recipe.lora is not None else None
-    rewards = {spec: (_load_reward(spec, recipe.reward_options), w) for spec, w in recipe.rewards.items()}
-    eval_rewards = {spec: (rewards[spec][0] if spec in rewards else _load_reward(spec, recipe.reward_options))
+    rewards = {spec: (vr.load(spec, shared=recipe.reward_options), w) for spec, w in recipe.rewards.items()}
+    eval_rewards = {spec: (rewards[spec][0] if spec in rewards else vr.load(spec, shared=recipe.reward_options))
                     for spec in recipe.eval_rewards}
     train = load_prompts(recipe.data.train) if recipe.data.train else []
     if recipe.data.balance_by:

@@ -8,9 +8,9 @@ look it up here.  Register a new algorithm with :func:`register` (docs/architect
 
 from __future__ import annotations
 
-import difflib
-import importlib
 from dataclasses import dataclass
+
+from visalign.registry import Registry, resolve
 
 __all__ = ["Algorithm", "register", "get", "available"]
 
@@ -26,8 +26,7 @@ class Algorithm:
 
     @staticmethod
     def _resolve(target: str):
-        module, _, attr = target.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return resolve(target)
 
     @property
     def config_class(self) -> type:
@@ -38,25 +37,21 @@ class Algorithm:
         return self._resolve(self.trainer_target)
 
 
-_REGISTRY: dict[str, Algorithm] = {}
+_REGISTRY = Registry("algorithm")
 
 
 def register(name: str, config: str, trainer: str, description: str = "") -> None:
-    """Register ``name`` with ``"module:ConfigClass"`` and ``"module:TrainerClass"`` targets."""
-    _REGISTRY[name] = Algorithm(name, config, trainer, description)
+    """Register ``name`` with absolute ``"module:ConfigClass"`` and ``"module:TrainerClass"`` targets."""
+    _REGISTRY.register(name, Algorithm(name, config, trainer, description))
 
 
 def available() -> list[Algorithm]:
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+    return [_REGISTRY.get(k) for k in _REGISTRY.available()]
 
 
 def get(name: str) -> Algorithm:
     """The registered algorithm ``name``; an unknown name is an error that suggests the nearest."""
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown algorithm {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 register("grpo", "visalign.trainers.grpo.config:GRPOConfig", "visalign.trainers.grpo.trainer:GRPOTrainer",

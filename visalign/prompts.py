@@ -2,9 +2,10 @@
 
 A spec is one of:
 
-- ``NAME:PART`` — a registered source, e.g. ``toy:train`` / ``toy:eval`` (the shapes world's
-  splits, with GenEval-style metadata).  Sources are kept as data (``"module:function"`` loaded on
-  first use, so nothing is imported until a source is read); add one with :func:`register_source`;
+- ``NAME:PART`` — a registered source (:func:`register_source`, by visalign's plug-ins or yours):
+  ``NAME``'s function called with ``PART`` (e.g. a split's name) returns the records.  Sources are
+  kept as data (``"package.module:function"`` imported on first use, so nothing is imported until a
+  source is read);
 - a ``.txt`` file: one prompt per line;
 - a ``.jsonl`` file: rows with a ``prompt`` field; the row's other fields are the record's task
   metadata (e.g. GenEval's ``tag`` / ``include``);
@@ -16,33 +17,32 @@ steering read prompts through :func:`load_prompts`.
 
 from __future__ import annotations
 
-import difflib
-import importlib
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-__all__ = ["load_prompts", "read_prompts", "register_source", "sources"]
+from visalign.registry import Registry
 
-_SOURCES: dict[str, str] = {}
+__all__ = ["load_prompts", "read_prompts", "register_source", "sources", "SOURCES"]
+
+#: prompt sources: name -> Entry(function of the part after the colon, or its "module:function")
+SOURCES = Registry("prompt source")
 
 
-def register_source(name: str, target: str) -> None:
-    """Register ``name`` as a prompt source: ``target`` is ``"module:function"``, a function of the
-    part after the colon (``toy:eval`` -> ``function("eval")``) returning prompt records."""
-    _SOURCES[name] = target
+def register_source(name: str, target: str | Callable[[str], list[dict]], **meta: Any) -> None:
+    """Register ``name`` as a prompt source: ``target`` is a function of the part after the colon
+    (``NAME:eval`` -> ``function("eval")``) returning prompt records (``{"prompt", "metadata"}``
+    dicts), or its absolute ``"package.module:function"``.  ``meta`` are facts
+    about the source (e.g. ``description``) kept on its registry entry."""
+    SOURCES.register(name, target, **meta)
 
 
 def sources() -> list[str]:
-    return sorted(_SOURCES)
-
-
-register_source("toy", "visalign.toy.prompts:records")
+    return SOURCES.available()
 
 
 def _source(name: str) -> Callable[[str], list[dict]]:
-    module, _, attr = _SOURCES[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return SOURCES.get(name)
 
 
 def _record(row, where: str) -> dict:
@@ -57,12 +57,12 @@ def _record(row, where: str) -> dict:
 def load_prompts(spec: str) -> list[dict]:
     """Prompt records ``{"prompt": str, "metadata": dict | None}`` from a spec (see the module docstring)."""
     name, colon, part = str(spec).partition(":")
-    if colon and name in _SOURCES:
+    if colon and name in SOURCES:
         return _source(name)(part)
     path = Path(spec)
     if not path.is_file():
-        close = difflib.get_close_matches(name, list(_SOURCES), n=1) if colon else []
-        hint = f" Did you mean {close[0]}:{part}?" if close else ""
+        close = SOURCES.suggest(name) if colon else None
+        hint = f" Did you mean {close}:{part}?" if close else ""
         raise FileNotFoundError(f"prompt source {spec!r}: no such file.{hint} Use a .txt, .jsonl or .json file "
                                 f"or a registered source ({', '.join(f'{s}:...' for s in sources())})")
     text = path.read_text(encoding="utf-8")

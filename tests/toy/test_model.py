@@ -38,7 +38,7 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.unet.config.in_channels == 12 and loaded.unet.config.sample_size == 16
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(M.from_latent(M.to_latent(x)), x) and M.to_latent(x).shape == (2, 12, 16, 16)
-    from visalign.samplers.families.toy import ToySampler
+    from visalign.toy.family import ToySampler
 
     a = ToySampler(loaded).generate(["a red circle", ""], num_steps=2, guidance_scale=3.0,
                                     generator=torch.Generator().manual_seed(0))

@@ -231,7 +231,7 @@ def test_legacy_proxy_converts_exactly(tmp_path):
     (strict, partial)) converts to a one-member kit head with the same strict and partial outputs."""
     from safetensors.torch import save_file
 
-    from visalign.rewards.shapes_proxy import convert_legacy
+    from visalign.toy.proxy_reward import convert_legacy
 
     bb = P.ProxyBackbone(**SMALL)
     g = torch.Generator().manual_seed(0)

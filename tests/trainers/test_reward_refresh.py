@@ -57,7 +57,7 @@ def test_refresh_happens_at_the_configured_iterations_only(tmp_path):
     evals = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [(e["iteration"], e["refresh/labels"]) for e in evals] == [(0, 0), (5, 12)]
     # the refreshed head is exported with the final weights and scores like the live one
-    from visalign.rewards.shapes_proxy import ShapesProxyReward
+    from visalign.toy.proxy_reward import ShapesProxyReward
 
     exported = ShapesProxyReward(str(tmp_path / "run" / "final" / "reward_head"))
     assert exported.meta["refreshed"]["labels"] == 12 and exported.model.heads.members == 3

@@ -11,9 +11,9 @@ Sources (``DPOConfig.pairs``):
   ``chosen_score`` / ``rejected_score`` (the labeller's scores, logged);
 - a Hugging Face **hub dataset id** with the Pick-a-Pic columns, through ``datasets`` (``pip install
   visalign[datasets]``), streamed;
-- a **registered source** ``NAME:ARG`` (:func:`register_pair_source`), e.g. ``toy:DIR``: pairs of
-  the toy base model labelled by the gold verifier, made in ``DIR`` when missing
-  (``visalign.toy.pairs``).
+- a **registered source** ``NAME:ARG`` (:func:`visalign.pairs.register_pair_source`): a function
+  that makes or finds pairs (e.g. samples of the model being trained, labelled by a reward, made in
+  ``DIR`` when missing) and returns one of the above.
 
 The first epoch is expensive (decode, resize, VAE-encode every image), so :func:`build_latent_cache`
 does it once: images are decoded in worker processes (:mod:`visalign.media`, the gallery's readers),
@@ -69,30 +69,9 @@ class PairSource:
         return self.iterate()
 
 
-# ---- registered sources -----------------------------------------------------------------------
-_SOURCES: dict[str, str] = {}
-
-
-def register_pair_source(name: str, target: str) -> None:
-    """``NAME:ARG`` pair specs call ``target`` (``"module:function"``) as ``function(ARG, sampler=...)``,
-    which returns a folder or file that :func:`open_pairs` reads (e.g. pairs it generated)."""
-    _SOURCES[name] = target
-
-
-def pair_sources() -> list[str]:
-    return sorted(_SOURCES)
-
-
-register_pair_source("toy", "visalign.toy.pairs:ensure_pairs")
-register_pair_source("toy-strict", "visalign.toy.pairs:ensure_strict_pairs")
-
-
-def _registered(spec: str):
-    name, sep, arg = spec.partition(":")
-    if sep and name in _SOURCES and not Path(spec).exists():
-        module, _, attr = _SOURCES[name].partition(":")
-        return getattr(importlib.import_module(module), attr), arg
-    return None, None
+# ---- registered sources (visalign.pairs) ----------------------------------------------------
+from visalign.pairs import pair_sources, register_pair_source  # noqa: E402  (re-exported)
+from visalign.pairs import registered_pair_source as _registered  # noqa: E402
 
 
 # ---- opening a source ---------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def hinge_loss(inside: torch.Tensor) -> torch.Tensor:
 #: ``loss_type`` -> the per-pair loss as a function of ``inside = beta * h`` (``h``: log-ratio margin)
 #: beta per family: 5000 for the DDPM families (Diffusion-DPO's SD1.5 and SDXL runs), 100 for the
 #: rectified-flow families (Flow-GRPO's SD3.5-M DPO configuration); docs/dpo.md gives the sources
-DEFAULT_BETA = {"sd": 5000.0, "sdxl": 5000.0, "sd3": 100.0, "flux": 100.0, "wan": 100.0, "toy": 100.0}
+DEFAULT_BETA = {"sd": 5000.0, "sdxl": 5000.0, "sd3": 100.0, "flux": 100.0, "wan": 100.0}
 _BY_PARAMETERIZATION = {"eps": 5000.0, "v": 5000.0, "flow": 100.0}
 
 

@@ -19,11 +19,11 @@ from .contract import (
     resolve_sde_steps,
 )
 from .kernels import KERNELS, ddim_step, flow_cps_step, flow_sde_step, get_kernel, ode_step
-from .loading import FAMILIES, ModelNotFoundError, load
+from .loading import FAMILIES, ModelNotFoundError, load, register_family, register_model
 
 __all__ = [
     "collect", "Rollout", "CFGDenoiser", "Denoiser",
     "Conditioning", "HookResult", "HookState", "RandomWindow", "Sampler", "Schedule", "StepOutput",
     "Trajectory", "resolve_sde_steps", "KERNELS", "ddim_step", "flow_cps_step", "flow_sde_step",
-    "get_kernel", "ode_step", "FAMILIES", "ModelNotFoundError", "load",
+    "get_kernel", "ode_step", "FAMILIES", "ModelNotFoundError", "load", "register_family", "register_model",
 ]

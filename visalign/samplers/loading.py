@@ -14,30 +14,16 @@ from pathlib import Path
 import torch
 
 from visalign.assets import asset_path, assets_dir, missing_asset_message  # noqa: F401  (assets_dir: re-exported)
+from visalign.models import BUILTIN_MODELS, FAMILIES, builtin_model_path, register_family, register_model  # noqa: F401
 
 from .contract import Sampler
 
-__all__ = ["load", "ModelNotFoundError", "FAMILIES", "BUILTIN_MODELS", "family_of", "assets_dir"]
+__all__ = ["load", "ModelNotFoundError", "FAMILIES", "BUILTIN_MODELS", "family_of", "assets_dir", "register_family",
+           "register_model", "builtin_model_path"]
 
 
 class ModelNotFoundError(FileNotFoundError):
     """The model could be found neither locally nor in the hub cache (and the hub is unreachable)."""
-
-
-#: pipeline class in model_index.json -> (family, "module:SamplerClass")
-FAMILIES: dict[str, tuple[str, str]] = {
-    "StableDiffusionPipeline": ("sd", "sd:SDSampler"),
-    "StableDiffusionXLPipeline": ("sdxl", "sd:SDXLSampler"),
-    "StableDiffusion3Pipeline": ("sd3", "sd3:SD3Sampler"),
-    "FluxPipeline": ("flux", "flux:FluxSampler"),
-    "WanPipeline": ("wan", "wan:WanSampler"),
-    "ToyShapesPipeline": ("toy", "toy:ToySampler"),
-}
-
-#: built-in names -> folder under the assets folder (:mod:`visalign.assets`): the toy world's base
-#: model and its second base, tuned on near-miss captions so that it follows prompts unreliably
-#: (docs/toy_world.md, "The second base")
-BUILTIN_MODELS = {"toy-shapes": "toy-shapes", "toy-shapes-cn": "toy-shapes-cn"}
 
 
 def _how_to_get(model: str) -> str:
@@ -63,7 +49,7 @@ def _read_model_index(model: str) -> tuple[dict, str]:
     if looks_local:
         raise ModelNotFoundError(
             f"model {model!r} not found: no such folder, and it is not a hub id (owner/name) or a built-in "
-            f"name ({', '.join(BUILTIN_MODELS)}). " + _how_to_get("OWNER/NAME")
+            f"name ({', '.join(BUILTIN_MODELS.available())}). " + _how_to_get("OWNER/NAME")
         )
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -82,40 +68,38 @@ def family_of(model_index: dict) -> str:
     if cls not in FAMILIES:
         raise ValueError(
             f"unsupported pipeline class {cls!r} in model_index.json; visalign supports "
-            + ", ".join(f"{k} ({v[0]})" for k, v in FAMILIES.items())
+            + ", ".join(f"{k} ({e.family})" for k, e in FAMILIES.items())
+            + " (a package can add a family with visalign.samplers.register_family)"
         )
-    return FAMILIES[cls][0]
+    return FAMILIES[cls].family
 
 
 def load(model: str, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None, **options) -> Sampler:
     """Load a model as a :class:`Sampler`.
 
     Args:
-        model: a built-in name (``"toy-shapes"``), a local folder in diffusers layout, or a hub id
+        model: a built-in name (:func:`register_model`), a local folder in diffusers layout, or a hub id
             (``"stabilityai/stable-diffusion-3.5-medium"``; needs the hub or its local cache).
         dtype: weights' dtype (``torch.bfloat16``, ``"float16"``...); defaults to float32.
         device: where to put the model; defaults to CPU.
         options: passed to the family adapter (e.g. ``max_sequence_length``, ``num_frames``).
     """
-    import importlib
-
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     name = model
     if model in BUILTIN_MODELS:
-        local = asset_path(BUILTIN_MODELS[model])
+        local = builtin_model_path(model)
         if not (local / "model_index.json").is_file():
+            hint = BUILTIN_MODELS[model].hint
             raise ModelNotFoundError(
-                f"built-in model {model!r}: " + missing_asset_message(BUILTIN_MODELS[model])
-                + " Or pass --model DIR, a toy-shapes folder saved by `python -m visalign.toy.pretrain --out DIR`."
+                f"built-in model {model!r}: " + missing_asset_message(str(BUILTIN_MODELS[model].target))
+                + (f" {hint}" if hint else "")
             )
         model = str(local)
     index, ref = _read_model_index(model)
-    family = family_of(index)
-    module_name, _, cls_name = FAMILIES[index["_class_name"]][1].partition(":")
-    module = importlib.import_module(f"visalign.samplers.families.{module_name}")
-    sampler_cls = getattr(module, cls_name)
-    if family == "toy":
+    family_of(index)
+    sampler_cls = FAMILIES.get(index["_class_name"])
+    if hasattr(sampler_cls, "from_folder"):  # not a diffusers pipeline: the family reads its folder
         return sampler_cls.from_folder(ref, dtype=dtype, device=device, name=name, **options)
     from diffusers import DiffusionPipeline
 

@@ -64,7 +64,7 @@ def evaluate(model: M.ToyShapes, per_category: int = 16, seed: int = 1234, num_s
     ``per_category`` prompts per category (cycling through a category's prompts), one image each
     (sample ``n`` uses seed ``seed + n``), through the library's sampler and collect step."""
     from visalign.samplers import collect
-    from visalign.samplers.families.toy import ToySampler
+    from .family import ToySampler
 
     groups = by_tag(split("eval"))
     rng = np.random.default_rng(seed)
@@ -154,12 +154,10 @@ def pretrain(
     if max_minutes is not None and not max_minutes > 0:
         raise ValueError(f"max_minutes={max_minutes}: expected a positive number of minutes or None (no budget)")
     if init is not None and not Path(init).exists():
-        from visalign.samplers.loading import BUILTIN_MODELS
+        from visalign.samplers.loading import BUILTIN_MODELS, builtin_model_path
 
         if str(init) in BUILTIN_MODELS:
-            from visalign.assets import asset_path
-
-            init = asset_path(BUILTIN_MODELS[str(init)])
+            init = builtin_model_path(str(init))
     if threads:
         torch.set_num_threads(threads)
     out = Path(out_dir)

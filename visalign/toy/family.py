@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 
-from ..contract import Conditioning, Sampler, Schedule
-from ._common import flow_schedule, from_unit_range, randn, to_unit_range
+from visalign.samplers.contract import Conditioning, Sampler, Schedule
+from visalign.samplers.families._common import flow_schedule, from_unit_range, randn, to_unit_range
 
 
 class ToySampler(Sampler):
@@ -31,7 +31,7 @@ class ToySampler(Sampler):
 
     @classmethod
     def from_folder(cls, path: str, dtype=None, device=None, name: str = "", **options) -> "ToySampler":
-        from ...toy import model as toy_model
+        from . import model as toy_model
 
         model = toy_model.load(path, dtype=dtype)
         if device is not None:
@@ -48,7 +48,7 @@ class ToySampler(Sampler):
         return FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
 
     def _embed(self, prompts: Sequence[str]) -> torch.Tensor:
-        from ...toy.model import encode_prompts
+        from .model import encode_prompts
 
         return encode_prompts(self.pipeline, list(prompts))
 

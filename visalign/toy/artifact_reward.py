@@ -1,6 +1,6 @@
 """The ``shapes-artifact`` reward: P(clean) of a toy-world image, a kit-trained artifact classifier.
 
-A binary reward-head ensemble on a small trainable CNN (:class:`.head.SmallCNN`), trained with
+A binary reward-head ensemble on a small trainable CNN (:class:`visalign.rewards.head.SmallCNN`), trained with
 ``visalign rewards train shapes-artifact`` on base-model samples of the toy world, clean (label 1)
 or with an injected artifact (label 0: blur, over-saturation, a periodic grid, blotches;
 :mod:`visalign.toy.artifacts`).  Use it as a held-out judge or a regulariser in evaluation (an
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .head import CONFIG_NAME, WEIGHTS_NAME, HeadReward
+from visalign.rewards.head import CONFIG_NAME, WEIGHTS_NAME, HeadReward
 
 __all__ = ["ShapesArtifactReward", "default_path"]
 

@@ -27,8 +27,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import RewardOutput
-from .head import CONFIG_NAME, WEIGHTS_NAME, HeadReward
+from visalign.rewards.base import RewardOutput
+from visalign.rewards.head import CONFIG_NAME, WEIGHTS_NAME, HeadReward
 
 __all__ = ["ShapesProxyReward", "default_path", "convert_legacy"]
 
@@ -67,7 +67,7 @@ class ShapesProxyReward(HeadReward):
 
     def score(self, images: torch.Tensor, prompts: Sequence[str] | None, references: Any,
               metadata: Sequence[dict] | None) -> RewardOutput:
-        from visalign.toy.prompts import parse_prompts
+        from .prompts import parse_prompts
 
         if images.ndim != 4:
             raise ValueError(f"reward 'shapes-proxy' scores images (B, 3, H, W), not video; got {tuple(images.shape)}")
@@ -103,8 +103,8 @@ def convert_legacy(old_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 
     from safetensors.torch import load_file
 
-    from .head import BackboneConfig, RewardHeadModel, save_head
-    from .loading import load_strict
+    from visalign.rewards.head import BackboneConfig, RewardHeadModel, save_head
+    from visalign.rewards.loading import load_strict
 
     old = Path(old_dir)
     cfg = json.loads((old / CONFIG_NAME).read_text())

@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import Reward, RewardOutput, sample_metadata
-from .registry import info as _registered_info
+from visalign.rewards.base import Reward, RewardOutput, sample_metadata
+from visalign.rewards.registry import info as _registered_info
 
 __all__ = ["ShapesReward"]
 
@@ -40,7 +40,7 @@ class ShapesReward(Reward):
             terms, Flow-GRPO's GenEval reward) or ``"strict"`` (1 if every clause holds, else 0).
     """
 
-    info = _registered_info("shapes")  # the facts live in catalog.py
+    info = _registered_info("shapes")  # the facts live in visalign/toy/plugin.py
 
     def __init__(self, mode: str = "partial") -> None:
         if mode not in _MODES:
@@ -54,8 +54,8 @@ class ShapesReward(Reward):
         references: Any,
         metadata: Sequence[dict] | None,
     ) -> RewardOutput:
-        from visalign.toy.prompts import TAGS, parse_prompt
-        from visalign.toy.verify import check, detect_batch
+        from .prompts import TAGS, parse_prompt
+        from .verify import check, detect_batch
 
         if images.ndim != 4:
             raise ValueError(f"reward 'shapes' scores images (B, 3, H, W), not video; got {tuple(images.shape)}")
@@ -106,7 +106,7 @@ def _geneval_problem(meta: dict) -> str:
     A clause naming a class, colour or relation the toy world does not have (real GenEval metadata
     names COCO classes) cannot be judged here, so it makes the sample invalid rather than a 0.
     """
-    from visalign.toy.prompts import COLORS, RELATIONS, SHAPES
+    from .prompts import COLORS, RELATIONS, SHAPES
 
     def clause_problem(clause: Any, where: str, n: int) -> str:
         if not isinstance(clause, dict) or "class" not in clause or "count" not in clause:
