@@ -333,7 +333,7 @@ def run_steer_row(row: Row, args, judge: Judge, rdir: Path, results: dict) -> di
     from visalign.steering.common import load_reward as _load_reward
     from visalign.steering.config import SteerConfig
     from visalign.steering.guidance import needs_gradient
-    from visalign.steering.toy_eval import evaluate_steered
+    from visalign.toy.steer_eval import evaluate_steered
 
     overrides = [f"model.name={args.model}", "run.threads=1"] + row.overrides + args.sets.get(row.name, [])
     cfg = load_config(str(ROOT / row.recipe), SteerConfig, overrides)

@@ -148,7 +148,8 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
 # The rules (docs/architecture.md, "Layers and what each may import")
 # --------------------------------------------------------------------------------------------
 
-BOTTOM = ("visalign.samplers", "visalign.io", "visalign.config", "visalign.prompts", "visalign.threads",
+BOTTOM = ("visalign.samplers", "visalign.io", "visalign.config", "visalign.prompts", "visalign.pairs",
+          "visalign.models", "visalign.registry", "visalign.errors", "visalign.recipes", "visalign.threads",
           "visalign.stats", "visalign.sample", "visalign.assets")
 ALGORITHMS = ("visalign.trainers.grpo", "visalign.trainers.nft", "visalign.trainers.dpo",
               "visalign.trainers.backprop")
@@ -181,7 +182,18 @@ RULES: list[tuple[str, tuple[str, ...], tuple[str, ...], str]] = [
 ]
 
 # ---- the toy world's rules (visalign/toy and the toy family adapter) go here ------------------
-TOY_RULES: list[tuple[str, tuple[str, ...], tuple[str, ...], str]] = []
+#: the toy world's modules that sit above its core: the reward adapters and the plug-in (at the
+#: rewards layer) and the judge of steering recipes (beside steering's command line)
+TOY_ADAPTERS = ("visalign.toy.plugin", "visalign.toy.shapes_reward", "visalign.toy.proxy_reward",
+                "visalign.toy.artifact_reward", "visalign.toy.steer_eval", "visalign.toy.cli")
+TOY_CORE = tuple(f"visalign.toy.{p.stem}" for p in sorted((ROOT / "visalign" / "toy").glob("*.py"))
+                 if p.stem != "__init__" and f"visalign.toy.{p.stem}" not in TOY_ADAPTERS)
+TOY_RULES: list[tuple[str, tuple[str, ...], tuple[str, ...], str]] = [
+    ("toy core", TOY_CORE, ("visalign.rewards", *ABOVE_REWARDS),
+     "the toy world's model, prompts, renderer and verifier stand on the bottom layer only"),
+    ("toy adapters", TOY_ADAPTERS, ("visalign.trainers", "visalign.gallery"),
+     "the toy world plugs into rewards and steering, never into the trainers or the gallery"),
+]
 
 #: entries of CLIS that may import others: the top-level dispatcher and ``python -m visalign``
 CLI_DISPATCH = ("visalign.cli", "visalign.__main__")

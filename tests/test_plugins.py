@@ -17,7 +17,7 @@ TOY_NAMES = {"toy", "toy-strict", "toy-shapes", "toy-shapes-cn", "ToyShapesPipel
              "shapes-artifact"}
 #: steering's toy-world evaluation (``visalign steer --toy-eval``) imports the toy world; it belongs
 #: in visalign/toy once steering is a peer of the trainers (the only exception; keep it that way)
-ALLOWED = ("steering/toy_eval.py",)
+ALLOWED = ("steering/cli.py",)  # a command line: --toy-eval runs the toy world's judge of a recipe
 #: the layers below the CLI (the CLI may name every command, ``visalign toy`` included)
 SCANNED = [ROOT / "rewards", ROOT / "trainers", *[p for p in (ROOT / "visalign").iterdir() if p.name != "toy"]]
 
@@ -204,9 +204,7 @@ def test_a_plugin_outside_the_package_registers_rewards_and_prompts(plugin_modul
     assert [r["prompt"] for r in recs] == [f"a eval prompt {i}" for i in range(3)] and recs[0]["metadata"]["split"] == "eval"
     with pytest.raises(ValueError, match="already registered"):
         vr.register("plugtest-brightness", "plugtest_mod:Other")
-    from visalign.trainers.recipe import _load_reward  # the former private name still works
-
-    assert _load_reward("plugtest-brightness", {"device": "cpu"}).scale == 1.0
+    assert vr.load("plugtest-brightness", shared={"device": "cpu", "not_an_option": 1}).scale == 1.0
 
 
 def test_entry_point_plugins_load_once_and_a_broken_one_warns(plugin_module, monkeypatch):

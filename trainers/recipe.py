@@ -105,13 +105,6 @@ def load_recipe(path, overrides=()) -> TrainRecipe:
     return recipe
 
 
-def _load_reward(spec: str, shared: dict):
-    """``visalign.rewards.load(spec, shared=shared)`` (kept for callers of this name)."""
-    import visalign.rewards as vr
-
-    return vr.load(spec, shared=shared)
-
-
 def build_trainer(recipe: TrainRecipe, accelerator=None):
     """Load the model, LoRA, rewards and prompts of a recipe and return its algorithm's trainer."""
     import torch

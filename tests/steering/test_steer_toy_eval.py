@@ -25,7 +25,7 @@ def test_best_of_one_is_toy_eval_sample_for_sample():
     import visalign.rewards as vr
     from visalign.toy.evaluate import evaluate_sampler
     from visalign.toy.prompts import split
-    from visalign.steering.toy_eval import evaluate_steered
+    from visalign.toy.steer_eval import evaluate_steered
 
     metas = split("eval")[:PROMPTS]
     sampler = vs.load("toy-shapes")
@@ -44,7 +44,7 @@ def test_steering_by_the_gold_verifier_beats_the_base_and_resumes(tmp_path, monk
     import visalign.rewards as vr
     from visalign.toy.evaluate import evaluate_sampler
     from visalign.toy.prompts import split
-    from visalign.steering import toy_eval
+    from visalign.toy import steer_eval as toy_eval
 
     metas = [m for m in split("eval") if m["tag"] in ("position", "color_attr")][:8]
     sampler = vs.load("toy-shapes")

@@ -89,6 +89,7 @@ TOY_REWARD_LAYER = ("plugin.py", "shapes_reward.py", "proxy_reward.py", "artifac
     ("visalign/samplers", ("visalign.rewards", "visalign.toy", "visalign.trainers", "visalign.gallery"), ()),
     ("visalign/toy", ("visalign.trainers",), ()),
     ("visalign/toy", ("visalign.rewards",), TOY_REWARD_LAYER),
+    ("visalign/toy", ("visalign.steering", "visalign.gallery"), ("steer_eval.py",)),
     ("rewards", ("visalign.trainers", "visalign.samplers"), ()),
     ("visalign/gallery", ("visalign.trainers",), ()),
 ])

@@ -121,7 +121,7 @@ def _toy_eval(cfg, args) -> int:
     from visalign.samplers import ModelNotFoundError
     from visalign.threads import configure_threads
 
-    from .toy_eval import compare, format_compare
+    from visalign.toy.steer_eval import compare, format_compare  # the toy world's judge of a recipe
 
     if args.toy_eval_samples < 1 or (args.toy_eval_prompts is not None and args.toy_eval_prompts < 1):
         raise _Usage("--toy-eval-samples and --toy-eval-prompts must be >= 1")

@@ -24,12 +24,8 @@ def load_reward(spec: str, options: dict):
     (device, dtype, model paths...) its factory takes: how ``visalign steer`` and the toy
     evaluation load the steering and guidance rewards."""
     import visalign.rewards as vr
-    from visalign.rewards.registry import factory_parameters
 
-    name, _ = vr.parse_spec(spec)
-    accepted = factory_parameters(name)
-    opts = options if accepted is None else {k: v for k, v in options.items() if k in accepted}
-    return vr.load(spec, **opts)
+    return vr.load(spec, shared=options)
 
 
 @dataclass

@@ -10,8 +10,9 @@ one such as ``shapes-proxy``: the gold verifier only judges).  :func:`compare` p
 by side on the same prompts: the base model, the base with a LoRA, and the LoRA steered — the
 README's main job prints it.
 
-This lives with steering, not in :mod:`visalign.toy`, because the toy world stays below
-steering and the rewards (docs/architecture.md).
+Like the toy world's reward adapters, this module sits above the rest of :mod:`visalign.toy`: it
+uses steering (:mod:`visalign.steering`), which the toy world's core never imports; ``visalign
+steer --toy-eval`` calls it (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ __all__ = ["evaluate_steered", "compare", "format_compare"]
 def _judge(images: torch.Tensor, metas: list[dict], samples: int) -> dict:
     import numpy as np
 
-    from visalign.toy.prompts import TAGS, overall
-    from visalign.toy.verify import verify
+    from .prompts import TAGS, overall
+    from .verify import verify
 
     verdicts = verify(images, metadata=metas)
     strict = np.array([float(v.strict) for v in verdicts])
@@ -42,7 +43,7 @@ def _judge(images: torch.Tensor, metas: list[dict], samples: int) -> dict:
 def evaluate_steered(sampler, metas: list[dict], reward, cfg, *, samples: int = 4, guidance_reward=None,
                      state_file: str | Path | None = None, progress: bool = True,
                      on_images: Callable[[list, list[dict]], None] | None = None) -> dict:
-    """Gold strict accuracy of the recipe ``cfg`` (a :class:`~.config.SteerConfig`) steering
+    """Gold strict accuracy of the recipe ``cfg`` (a :class:`~visalign.steering.config.SteerConfig`) steering
     ``sampler`` (its live weights, a LoRA included) on the prompt records ``metas``.
 
     With ``state_file`` the steered images are saved after every batch (atomically) and a rerun
@@ -51,7 +52,7 @@ def evaluate_steered(sampler, metas: list[dict], reward, cfg, *, samples: int = 
     ``images``, the steered images (CPU float tensors) for further scoring."""
     from tqdm.auto import tqdm
 
-    from .config import steer
+    from visalign.steering.config import steer
 
     if not metas:
         raise ValueError("evaluate_steered: no prompts to evaluate")
@@ -96,14 +97,14 @@ def compare(cfg, *, lora: str | None, samples: int = 4, max_prompts: int | None 
     ``lora``, each judged on the eval prompts (``toy eval``'s seeds for the unsteered rows).
     Returns ``{"rows": [{"name", ...summary}], "prompts", "samples_per_prompt"}``."""
     import visalign.samplers as vs
-    from visalign.toy.evaluate import evaluate_sampler
-    from visalign.toy.prompts import split
+    from visalign.steering.guidance import needs_gradient
 
-    from .guidance import needs_gradient
+    from .evaluate import evaluate_sampler
+    from .prompts import split
 
     metas = split("eval")[:max_prompts]
     if load_reward is None:
-        from .common import load_reward
+        from visalign.steering.common import load_reward
     reward = load_reward(cfg.reward, cfg.reward_options)
     g_reward = None
     if cfg.method in ("guidance", "fk+guidance"):
