@@ -196,9 +196,6 @@ def test_cli_trains_the_shipped_recipe_and_reuses_the_pool(pooled_run, toy_dir, 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["pool_eval"] == 8
     assert R.load("shapes-proxy", path=str(tmp_path)).model.heads.members == 4  # the recipe's ensemble
-    assert main(["toy", "train-proxy", "--out", "X", "--steps", "5"]) == 2
-    err = capsys.readouterr().err
-    assert "visalign rewards train shapes-proxy --out X --set optim.steps=5" in err
 
 
 def test_short_training_separates_positives_from_hard_negatives(tmp_path):
@@ -224,35 +221,3 @@ def test_short_training_separates_positives_from_hard_negatives(tmp_path):
     with torch.no_grad():
         p0 = untrained(x, prompts)["score"]
     assert abs(P.roc_auc(p0.numpy(), strict.numpy() > 0.5) - 0.5) < 0.2
-
-
-def test_legacy_proxy_converts_exactly(tmp_path):
-    """A checkpoint of the former ShapesProxy layout (backbone keys + one MLP head with outputs
-    (strict, partial)) converts to a one-member kit head with the same strict and partial outputs."""
-    from safetensors.torch import save_file
-
-    from visalign.toy.proxy_reward import convert_legacy
-
-    bb = P.ProxyBackbone(**SMALL)
-    g = torch.Generator().manual_seed(0)
-    f = bb.feature_dim
-    head = {"head.0.weight": torch.randn(96, f, generator=g) * 0.1, "head.0.bias": torch.randn(96, generator=g) * 0.1,
-            "head.2.weight": torch.randn(2, 96, generator=g) * 0.1, "head.2.bias": torch.randn(2, generator=g)}
-    state = {k: v for k, v in bb.state_dict().items() if not k.startswith("partial.")} | head
-    old = tmp_path / "old"
-    old.mkdir()
-    save_file(state, str(old / "model.safetensors"))
-    (old / "config.json").write_text(json.dumps({"architecture": "ShapesProxy", **bb.options, "trained_on": "x"}))
-    convert_legacy(old, tmp_path / "new")
-    reward = R.load("shapes-proxy", path=str(tmp_path / "new"))
-    x = torch.rand(2, 3, 32, 32, generator=g)
-    prompts = ["a red circle", "two squares"]
-    out = reward(x, prompts)
-    with torch.no_grad():
-        hidden = F.silu(bb(x, prompts) @ head["head.0.weight"].T + head["head.0.bias"])
-        logits = hidden @ head["head.2.weight"].T + head["head.2.bias"]
-    assert torch.allclose(out.scores, torch.sigmoid(logits[:, 0]), atol=1e-6)
-    assert torch.allclose(out.components["partial"], torch.sigmoid(logits[:, 1]), atol=1e-6)
-    assert (out.components["uncertainty"] == 0).all()
-    with pytest.raises(ValueError, match="not a former ShapesProxy"):
-        convert_legacy(tmp_path / "new", tmp_path / "again")

@@ -1,6 +1,7 @@
 """``visalign toy pretrain | eval | pairs``: the shapes toy world from the command line.
 
-(``train-proxy`` moved to the reward-head kit: ``visalign rewards train shapes-proxy --out DIR``.)"""
+
+The learned proxy is trained with the reward-head kit: ``visalign rewards train shapes-proxy --out DIR``."""
 
 from __future__ import annotations
 
@@ -33,11 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--json", default=None, help="write the summary here")
     ev.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default auto: the cores other processes leave free)")
-    tp = sub.add_parser("train-proxy", help="moved: use `visalign rewards train shapes-proxy --out DIR`")
-    tp.add_argument("--out", default=None)
-    tp.add_argument("--model", default=None)
-    tp.add_argument("--steps", type=int, default=None)
-    tp.add_argument("--seed", type=int, default=None)
     pp = sub.add_parser("pairs", help="preference pairs for offline DPO: base-model samples labelled by the gold verifier")
     pp.add_argument("--out", required=True, help="output folder (images/, pairs.jsonl, summary.json)")
     pp.add_argument("--model", default="toy-shapes", help="the model that samples (toy-shapes or a folder)")
@@ -86,12 +82,6 @@ def run(args) -> int:
                        threads=None, bf16=args.bf16)
         print(f"pretrained model in {out}")
         return 0
-    if args.toy_command == "train-proxy":
-        sets = "".join(f" --set {k}={v}" for k, v in (("data.options.model", args.model), ("optim.steps", args.steps),
-                                                       ("optim.seed", args.seed)) if v is not None)
-        print("visalign toy train-proxy: moved to the reward-head kit (docs/reward_training.md); run\n"
-              f"  visalign rewards train shapes-proxy --out {args.out or 'DIR'}{sets}", file=sys.stderr)
-        return 2
     from visalign.samplers import ModelNotFoundError
     from visalign.threads import configure_threads
 

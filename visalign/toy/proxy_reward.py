@@ -30,7 +30,7 @@ import torch
 from visalign.rewards.base import RewardOutput
 from visalign.rewards.head import CONFIG_NAME, WEIGHTS_NAME, HeadReward
 
-__all__ = ["ShapesProxyReward", "default_path", "convert_legacy"]
+__all__ = ["ShapesProxyReward", "default_path"]
 
 
 def default_path() -> str:
@@ -92,41 +92,3 @@ class ShapesProxyReward(HeadReward):
         valid[ok] = True
         return RewardOutput(scores=p, components={"p_strict": p, "logit": logit, "partial": partial, "uncertainty": unc},
                             valid=valid, extras={"reason": reasons})
-
-
-def convert_legacy(old_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Convert a proxy written by the former ``visalign toy train-proxy`` (``"architecture":
-    "ShapesProxy"``: one MLP head with two outputs, strict and partial) to a kit head, exactly: the
-    head's strict output becomes a one-member ensemble, its partial output the backbone's partial
-    head.  Scores are unchanged (tested); the uncertainty of a one-member ensemble is 0."""
-    import json
-
-    from safetensors.torch import load_file
-
-    from visalign.rewards.head import BackboneConfig, RewardHeadModel, save_head
-    from visalign.rewards.loading import load_strict
-
-    old = Path(old_dir)
-    cfg = json.loads((old / CONFIG_NAME).read_text())
-    if cfg.get("architecture") != "ShapesProxy":
-        raise ValueError(f"{old / CONFIG_NAME} is not a former ShapesProxy (architecture {cfg.get('architecture')!r})")
-    keys = ("width", "text_dim", "text_layers", "text_heads", "hidden", "max_tokens", "vocab")
-    options = {k: cfg[k] for k in keys}
-    h, d = options["hidden"], options["text_dim"]
-    model = RewardHeadModel("binary", BackboneConfig(kind="shapes-proxy", options=options), 2 * h + d, [h], 1,
-                            use_prompt=True)
-    state = load_file(str(old / WEIGHTS_NAME))
-    w0, b0, w2, b2 = (state.pop(k) for k in ("head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"))
-    new = {f"trainable.{k}": v for k, v in state.items()}
-    new.update({
-        "trainable.partial.0.weight": w0, "trainable.partial.0.bias": b0,
-        "trainable.partial.2.weight": w2[1:2], "trainable.partial.2.bias": b2[1:2],
-        "heads.weight.0": w0.T[None].contiguous(), "heads.bias.0": b0[None],
-        "heads.weight.1": w2[0:1].T[None].contiguous(), "heads.bias.1": b2[0:1][None],
-        "input_mean": torch.zeros(2 * h + d), "input_std": torch.ones(2 * h + d),
-        "score_mean": torch.zeros(()), "score_std": torch.ones(()),
-    })
-    load_strict(model, new, f"converted proxy {str(old)!r}")
-    extra = {"converted_from": "ShapesProxy (visalign toy train-proxy)", "trained_on": cfg.get("trained_on"),
-             "metrics": cfg.get("metrics", {})}
-    return save_head(model, out_dir, extra=extra)
