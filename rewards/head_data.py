@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,14 +159,10 @@ def decode_images(blobs: Sequence[bytes]) -> torch.Tensor:
 # Readers
 # ---------------------------------------------------------------------------------------------
 def _rows(path: Path) -> list[dict]:
+    from visalign.io import iter_jsonl
+
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n} is not valid JSON ({err})") from None
+    for n, row in iter_jsonl(path, strict=True):
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
         rows.append(row)

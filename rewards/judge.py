@@ -315,15 +315,14 @@ class FolderJudge(Judge):
                 return None
             self._sleep(self.poll_s if self.timeout_s is None else min(self.poll_s, self.timeout_s - waited))
         labels = [float("nan")] * n
-        for k, line in enumerate(target.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
+        from visalign.io import iter_jsonl
+
+        for k, row in iter_jsonl(target, strict=True):
             try:
-                row = json.loads(line)
                 i, value = int(row["id"]), row.get("label")
             except (ValueError, KeyError, TypeError) as err:
                 raise ValueError(f"{target}, line {k}: expected {{\"id\": int, \"label\": number or null}}, got "
-                                 f"{line[:80]!r} ({err})") from None
+                                 f"{str(row)[:80]!r} ({err})") from None
             if not 0 <= i < n:
                 raise ValueError(f"{target}, line {k}: id {i} is not one of the round's {what} (0..{n - 1})")
             if value is not None:

@@ -67,15 +67,9 @@ def load_prompts(spec: str) -> list[dict]:
                                 f"or a registered source ({', '.join(f'{s}:...' for s in sources())})")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            records.append(_record(row, f"{path}:{n}"))
+        from .io import iter_jsonl
+
+        records = [_record(row, f"{path}:{n}") for n, row in iter_jsonl(path, strict=True)]
     elif path.suffix == ".json":
         try:
             rows = json.loads(text)
