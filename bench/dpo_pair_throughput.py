@@ -99,7 +99,7 @@ def toy_training(folder: Path, steps: int, run_dir: Path) -> dict:
 
     s = vs.load("toy-shapes")
     torch.manual_seed(0)
-    params = add_lora(s, LoraSettings(rank=16, alpha=32))
+    add_lora(s, LoraSettings(rank=16, alpha=32))
     cfg = DPOConfig(pairs=str(folder), train_batch_size=32, learning_rate=3e-4, ema_decay=0.0, num_workers=0,
                     cache_dtype="float32")
     tr = DPOTrainer(s, {}, cfg, run=RunSettings(run_dir=str(run_dir), progress=False))

@@ -25,8 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from grpo_overhead import toy_setup  # noqa: E402  (bench/ is the script's folder)
 
-from visalign.rewards import load as load_reward  # noqa: E402
 from visalign.prompts import load_prompts  # noqa: E402
+from visalign.rewards import load as load_reward  # noqa: E402
 from visalign.trainers import GRPOConfig, GRPOTrainer, NFTConfig, NFTTrainer, RunSettings  # noqa: E402
 
 BASE = dict(group_size=8, prompts_per_iteration=4, num_steps=10, guidance_scale=3.0, kernel="flow_sde", noise_level=0.7,

@@ -22,9 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import visalign.samplers as vs  # noqa: E402
+from visalign.prompts import load_prompts  # noqa: E402
 from visalign.rewards import load as load_reward  # noqa: E402
 from visalign.trainers import GRPOConfig, GRPOTrainer, LoraSettings, RunSettings  # noqa: E402
-from visalign.prompts import load_prompts  # noqa: E402
 from visalign.trainers.common.lora import add_lora  # noqa: E402
 
 
@@ -32,7 +32,6 @@ def model_only(trainer: GRPOTrainer, batch) -> dict[str, float]:
     """The denoiser calls of one iteration, with the iteration's own shapes, timed."""
     s, c = trainer.sampler, trainer.config
     traj = batch.traj
-    n = traj.latents.shape[0]
     cond = traj.cond
     both = {k: torch.cat([cond.neg[k], cond.pos[k]]) for k in cond.pos}
     x = traj.latents[:, 0]

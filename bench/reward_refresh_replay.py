@@ -21,7 +21,6 @@ import time
 
 import torch
 
-
 SETTINGS = {
     "frozen": None,
     "head only, 100 steps, lr 5e-4": dict(steps=100, lr=5e-4, train_backbone=False),

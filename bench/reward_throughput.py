@@ -67,8 +67,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args()
 
-    from PIL import Image
     from open_clip.transform import image_transform
+    from PIL import Image
 
     from visalign import rewards as R
 

@@ -50,8 +50,8 @@ def main() -> None:
 
     import visalign.rewards as vr
     import visalign.samplers as vs
-    from visalign.toy.prompts import split
     from visalign.steering import FKConfig, fk_steer
+    from visalign.toy.prompts import split
 
     torch.set_num_threads(args.threads)
     sampler = vs.load(args.model)
@@ -82,7 +82,7 @@ def main() -> None:
     fa, fb = statistics.median(a), statistics.median(b)
     print(f"{args.model}, {args.prompts} prompts x {k} particles, {steps} steps, reward {args.reward}, "
           f"resampling after steps {resample_at}, {torch.get_num_threads()} thread(s), {args.repeats} repeats")
-    print(f"| run | median s | all s |\n|---|---|---|")
+    print("| run | median s | all s |\n|---|---|---|")
     print(f"| FK steering | {fa:.2f} | {', '.join(f'{x:.2f}' for x in a)} |")
     print(f"| k independent rollouts + the same reward calls | {fb:.2f} | {', '.join(f'{x:.2f}' for x in b)} |")
     print(f"ratio FK / baseline: {fa / fb:.3f} (target <= 1.10)")

@@ -36,9 +36,9 @@ def jobs(seeds: int, per_tag: int | None):
 def run(args) -> None:
     import visalign.rewards as vr
     import visalign.samplers as vs
-    from visalign.toy.verify import verify
     from visalign.steering import FKConfig, GuidanceConfig, best_of_n, fk_steer, guided, noise_search
     from visalign.steering.search import SearchConfig
+    from visalign.toy.verify import verify
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -100,7 +100,8 @@ def run(args) -> None:
 
 
 def overall(rows, key="strict"):
-    from visalign.toy.prompts import TAGS, overall as geneval_overall
+    from visalign.toy.prompts import TAGS
+    from visalign.toy.prompts import overall as geneval_overall
 
     cats = {}
     for t in TAGS:
@@ -118,8 +119,8 @@ def diagnose(seeds: int = 1, steps: int = 10, lookahead: int = 2) -> dict:
     import numpy as np
 
     import visalign.samplers as vs
-    from visalign.toy.verify import verify
     from visalign.steering.common import CountingDenoiser, lookahead_x0
+    from visalign.toy.verify import verify
 
     sampler = vs.load("toy-shapes")
     metas = [m for _, m in jobs(seeds, None)]

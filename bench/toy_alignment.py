@@ -581,7 +581,7 @@ def main(argv=None) -> dict:
             skipped.append(r.name)
             continue
         if r.kind in ("train", "oracle") and "base" not in results:
-            print(f"base: needed first (every curve starts at its evaluation)", flush=True)
+            print("base: needed first (every curve starts at its evaluation)", flush=True)
             results["base"] = run_row(rows_by_name()["base"], args, judge, results)
             ran.append("base")
         print(f"{r.name}: running ({r.kind}, {r.recipe or r.note})", flush=True)

@@ -6,13 +6,14 @@ See docs/rewards.md for the contract (``rewards/base.py``) and the catalogue.
 from collections.abc import Mapping
 from typing import Any
 
+from . import catalog as _catalog  # noqa: F401  (registers built-ins; no model code)
+from . import catalog_vlm as _catalog_vlm  # noqa: F401  (registers the VLM judges)
 from .base import Reward, RewardInfo, RewardOutput, check_images, sample_metadata
-from .registry import available, info, parse_spec, register
-from .registry import load as _load_one
-from . import catalog as _catalog, catalog_vlm as _catalog_vlm  # noqa: F401  (registers built-ins; no model code)
 from .catalog import catalog_table
 from .compose import combine
 from .preprocess import PreprocessSpec, preprocess, to_tensor
+from .registry import available, info, parse_spec, register
+from .registry import load as _load_one
 from .video import video_frames
 
 __all__ = ["Reward", "RewardInfo", "RewardOutput", "check_images", "sample_metadata", "available", "info", "load",

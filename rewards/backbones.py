@@ -21,7 +21,16 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .loading import MissingWeightsError, hub_download, is_offline, load_state_dict_file, load_strict, missing_weights, resolve_device, resolve_dtype
+from .loading import (
+    MissingWeightsError,
+    hub_download,
+    is_offline,
+    load_state_dict_file,
+    load_strict,
+    missing_weights,
+    resolve_device,
+    resolve_dtype,
+)
 from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, preprocess
 
 __all__ = ["Backbone", "get_backbone", "clear_backbone_cache", "backbones_of", "share_forward"]

@@ -96,8 +96,14 @@ def tiny_qwen2vl(folder: str | Path, *, patch_size: int = 4, merge_size: int = 2
 def tiny_llava(folder: str | Path, *, image_size: int = 16, patch_size: int = 4, seed: int = 0,
                do_pad: bool = False) -> Path:
     """Save a tiny random LLaVA-1.5 style model (tiny CLIP vision + tiny Llama) with its processor."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaImageProcessor, LlavaProcessor)
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaImageProcessor,
+        LlavaProcessor,
+    )
 
     folder = Path(folder)
     tok = tiny_tokenizer(["<pad>", "<s>", "</s>", "<image>"], pad="<pad>", eos="</s>", bos="<s>")

@@ -4,11 +4,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any hub-aware import: tests never touch the network
 
-from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
-
 import json  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -39,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests_support.py: helpers shar
 
 # ---- tiny reward backbones (shared by reward, gallery and recipe tests) ----------------------
 # Tiny random-weight backbones for reward tests, saved to a temp dir and loaded through the real loaders.
-# 
+#
 # - ``tiny_open_clip``: an open_clip config ``visalign-tiny-clip`` (ViT 32 px, patch 8, width 32, 2 layers,
 #   embed 32; real CLIP BPE vocabulary) registered with ``open_clip.add_model_config``; weights saved
 #   as a plain state dict (``clip.pt``) and HPS-style (``hps.pt``, under ``"state_dict"``).
@@ -47,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests_support.py: helpers shar
 #   open_clip's BPE files) and a ``preprocessor_config.json``.
 # - ``tiny_dinov2``: a transformers ``Dinov2Model`` folder with a ``BitImageProcessor`` config
 #   (shortest side 40, crop 32, ImageNet statistics).
-# 
+#
 
 TINY_CLIP = "visalign-tiny-clip"
 TINY_CLIP_CFG = {

@@ -1,7 +1,6 @@
 """The `gallery` fixture: a generated gallery of good, bad and hostile files (see galleries.py)."""
 
 import pytest
-
 from galleries import make_gallery
 
 

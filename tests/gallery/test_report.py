@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from galleries import HOSTILE_NAME, HOSTILE_PROMPT, HOSTILE_PROMPT2
 from PIL import Image
 
-from galleries import HOSTILE_NAME, HOSTILE_PROMPT, HOSTILE_PROMPT2
 from visalign.gallery import score
 from visalign.gallery.report import escape_json_for_html
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from galleries import FailsOnBright, PromptLength
 from PIL import Image
 
-from galleries import FailsOnBright, PromptLength
 from visalign.cli import main
 from visalign.gallery import GalleryUsageError, score
-from visalign.rewards import Reward, RewardInfo, RewardOutput
 from visalign.gallery.scoring import split_specs
 from visalign.gallery.writers import read_results
+from visalign.rewards import Reward, RewardInfo, RewardOutput
 
 
 def jpeg_kb(arr: np.ndarray) -> float:

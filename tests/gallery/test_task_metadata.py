@@ -8,15 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from galleries import BOOKKEEPING, TOY_LAYOUTS, geneval_metadata, make_toy_gallery, toy_image
+from PIL import Image
+from tests_support import MetadataRecorder
+
 from visalign.cli import main
 from visalign.gallery import GalleryUsageError, score
 from visalign.gallery.discover import discover
 from visalign.gallery.writers import read_results
-from visalign.rewards import Reward, RewardInfo, RewardOutput
-from tests_support import MetadataRecorder
 
 
 @pytest.mark.parametrize("layout", TOY_LAYOUTS)

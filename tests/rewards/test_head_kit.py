@@ -2,7 +2,6 @@
 embedding cache, ensembles, strict save/load by path, fine-tuning, the CLI."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch
 from visalign import rewards as R
 from visalign.rewards import head as H
 from visalign.rewards import head_train as T
-from visalign.rewards.head_data import EmbeddingCache, LabelledSet, read_dataset
+from visalign.rewards.head_data import LabelledSet, read_dataset
 
 
 def _quiet(*_):

@@ -7,8 +7,16 @@ import torch
 from PIL import Image
 
 from visalign import rewards
-from visalign.rewards.imagereward import (MAX_TOKENS, REWARD_MEAN, REWARD_STD, ImageReward, ImageRewardModel,
-                                          imagereward, load_official_state_dict, module_to_official)
+from visalign.rewards.imagereward import (
+    MAX_TOKENS,
+    REWARD_MEAN,
+    REWARD_STD,
+    ImageReward,
+    ImageRewardModel,
+    imagereward,
+    load_official_state_dict,
+    module_to_official,
+)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tests_support import MetadataRecorder
 
 from visalign import rewards as R
 from visalign.rewards import Reward, RewardInfo, RewardOutput, sample_metadata
-from tests_support import MetadataRecorder
 
 X = torch.zeros(4, 3, 8, 8)
 

@@ -5,7 +5,15 @@ import pytest
 import torch
 from PIL import Image
 
-from visalign.rewards.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, preprocess, to_tensor
+from visalign.rewards.preprocess import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PreprocessSpec,
+    preprocess,
+    to_tensor,
+)
 
 SIZES = [(40, 48), (37, 61), (64, 45), (32, 32)]
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from visalign import rewards as R
 from visalign.rewards import head as H
-from visalign.rewards.guards import DiversityBonus, UncertaintyPenalty, group_diversity
+from visalign.rewards.guards import UncertaintyPenalty, group_diversity
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tests_support import Brightness
+
 from visalign.cli import main
 from visalign.config import load_config
 from visalign.steering import SteerConfig, steer

@@ -21,8 +21,8 @@ def _cfg(method="bon", particles=1, reward="shapes-proxy", extra=()):
 def test_best_of_one_is_toy_eval_sample_for_sample():
     """Best-of-1 on the ODE draws image n from seed n with toy eval's steps and CFG: the steered
     evaluation must reproduce toy eval exactly (same seeds, same sampler, same judge)."""
-    import visalign.samplers as vs
     import visalign.rewards as vr
+    import visalign.samplers as vs
     from visalign.toy.evaluate import evaluate_sampler
     from visalign.toy.prompts import split
     from visalign.toy.steer_eval import evaluate_steered
@@ -40,11 +40,11 @@ def test_best_of_one_is_toy_eval_sample_for_sample():
 def test_steering_by_the_gold_verifier_beats_the_base_and_resumes(tmp_path, monkeypatch):
     """Best-of-4 by the gold verifier must pass more held-out scenes than the base; an evaluation
     interrupted after its first batch continues from its saved images to the same result."""
-    import visalign.samplers as vs
     import visalign.rewards as vr
+    import visalign.samplers as vs
+    from visalign.toy import steer_eval as toy_eval
     from visalign.toy.evaluate import evaluate_sampler
     from visalign.toy.prompts import split
-    from visalign.toy import steer_eval as toy_eval
 
     metas = [m for m in split("eval") if m["tag"] in ("position", "color_attr")][:8]
     sampler = vs.load("toy-shapes")

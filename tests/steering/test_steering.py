@@ -9,11 +9,20 @@ import math
 
 import pytest
 import torch
+from tests_support import Brightness
 
 import visalign.samplers as vs
-from tests_support import Brightness
-from visalign.steering import (FKConfig, FKHook, GuidanceConfig, RewardGuidance, SearchConfig, best_of_n,
-                                        fk_steer, guided, noise_search)
+from visalign.steering import (
+    FKConfig,
+    FKHook,
+    GuidanceConfig,
+    RewardGuidance,
+    SearchConfig,
+    best_of_n,
+    fk_steer,
+    guided,
+    noise_search,
+)
 from visalign.steering import resampling as rs
 from visalign.steering.common import Compute, CountingDenoiser, lookahead_x0
 
@@ -117,25 +126,25 @@ def _reference_fk_weights(rewards, parents, potential, lam, reward_min_value=0.0
     product = torch.ones(k, dtype=torch.float64)
     last = len(rewards) - 1
     out = []
-    for t, rs in enumerate(rewards):
-        rs = rs.double()
+    for t, scores in enumerate(rewards):
+        cur = scores.double()
         if potential == "max":
-            rs = torch.max(rs, population_rs)
-            w = torch.exp(lam * rs)
+            cur = torch.max(cur, population_rs)
+            w = torch.exp(lam * cur)
         elif potential == "sum":
-            rs = rs + population_rs
-            w = torch.exp(lam * rs)
+            cur = cur + population_rs
+            w = torch.exp(lam * cur)
         elif potential == "difference":
-            w = torch.exp(lam * (rs - population_rs))
+            w = torch.exp(lam * (cur - population_rs))
         else:
-            w = torch.exp(lam * rs)
+            w = torch.exp(lam * cur)
         if t == last:
             if potential in ("max", "sum", "immediate"):
-                w = torch.exp(lam * rs) / product
+                w = torch.exp(lam * cur) / product
             return out + [w / w.sum()]
         out.append(w / w.sum())
         idx = torch.as_tensor(parents[t])
-        population_rs = rs[idx]
+        population_rs = cur[idx]
         product = product[idx] * w[idx]
 
 

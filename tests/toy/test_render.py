@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from visalign.toy.prompts import COLORS, parse_prompt, split
-from visalign.toy.render import draw, relations, render, sample_scene, _separated
+from visalign.toy.render import _separated, draw, relations, render, sample_scene
 
 
 def test_deterministic_and_seeded():

@@ -3,7 +3,6 @@ registered group algorithm (GRPO, NFT) on tiny models."""
 
 import pytest
 import torch
-
 from tests_support import Brightness
 
 

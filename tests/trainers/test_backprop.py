@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
+from tests_support import Brightness
 
 import visalign.samplers as vs
 from visalign.rewards import Reward, RewardInfo, RewardOutput
 from visalign.samplers import CFGDenoiser, ode_step
 from visalign.samplers.kernels import flow_sde_step, predict_x0
 from visalign.trainers import RewardBackpropConfig, RunSettings, registry
-
-from tests_support import Brightness
 
 SIZE = {"height": 32, "width": 32}
 PROMPTS = [{"prompt": p, "metadata": None} for p in ["a red cube", "a blue ball", "a green tree", "a cat"]]

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from tests_support import Brightness
+
 from visalign.trainers import DPOConfig, RunSettings, registry
 from visalign.trainers.dpo import dpo_loss
 from visalign.trainers.dpo.data import LatentCache, build_latent_cache, open_pairs
@@ -279,8 +279,8 @@ def test_dpo_config_picks_the_mode_and_refuses_the_other_modes_settings():
 
 def test_the_two_modes_are_a_plain_trainer_and_a_group_trainer(tiny_model_dir, tmp_path):
     from visalign.trainers.base import Trainer
-    from visalign.trainers.group import GroupTrainer
     from visalign.trainers.dpo import OfflineDPOTrainer, OnlineDPOTrainer
+    from visalign.trainers.group import GroupTrainer
 
     off = make_dpo(tiny_model_dir, tmp_path, pairs="x")
     on = make_dpo(tiny_model_dir, tmp_path, mode="online", rewards={"brightness": (Brightness(), 1.0)}, run_dir="on")
@@ -349,14 +349,14 @@ def test_online_pairs_are_the_best_and_worst_of_each_group(tiny_model_dir, tmp_p
     scores = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.2, 0.2, 0.2, 0.2])
     valid = torch.tensor([True, True, True, False, True, True, True, True])
     batch = GroupBatch(None, scores, valid, scores, valid, scores, valid, valid, torch.Generator())
-    w, l, gap = tr.make_pairs(batch)
-    assert w.tolist() == [1] and l.tolist() == [0] and gap.tolist() == pytest.approx([0.8])  # group 2 tied
+    w, lo, gap = tr.make_pairs(batch)
+    assert w.tolist() == [1] and lo.tolist() == [0] and gap.tolist() == pytest.approx([0.8])  # group 2 tied
     tr.config.pairing = "all"
-    w, l, _ = tr.make_pairs(batch)
-    assert sorted(zip(w.tolist(), l.tolist())) == [(1, 0), (1, 2), (2, 0)]
+    w, lo, _ = tr.make_pairs(batch)
+    assert sorted(zip(w.tolist(), lo.tolist())) == [(1, 0), (1, 2), (2, 0)]
     tr.config.min_reward_gap = 0.45
-    w, l, _ = tr.make_pairs(batch)
-    assert sorted(zip(w.tolist(), l.tolist())) == [(1, 0)]
+    w, lo, _ = tr.make_pairs(batch)
+    assert sorted(zip(w.tolist(), lo.tolist())) == [(1, 0)]
 
 
 def test_online_dpo_trains_on_its_groups_and_resumes_exactly_with_reference_refresh(tiny_model_dir, tmp_path):
@@ -504,8 +504,8 @@ def test_toy_pairs_are_base_samples_ranked_by_the_gold_verifier(tmp_path):
         assert r["chosen_score"] == pytest.approx(a.partial) and r["rejected_score"] == pytest.approx(b.partial)
     assert list(open_pairs(str(out)))[0].scores is not None
 
-    from visalign.toy.pairs import ensure_pairs
     import visalign.samplers as vs
+    from visalign.toy.pairs import ensure_pairs
 
     assert ensure_pairs(str(out), vs.load("toy-shapes"), samples_per_prompt=3) == out  # same base: reused as they are
     with pytest.raises(ValueError, match="samples of 'toy-shapes', but this run trains 'toy-shapes-cn'"):

@@ -55,9 +55,9 @@ def test_toy_eval_judges_a_fully_fine_tuned_folder_as_the_trainer_samples(full_r
 
 
 def test_load_finetuned_errors_name_the_folder_and_what_it_needs(full_run, tmp_path):
-    import visalign.samplers as vs
     from safetensors.torch import load_file, save_file
 
+    import visalign.samplers as vs
     from visalign.samplers.lora import load_finetuned
 
     with pytest.raises(FileNotFoundError, match="pytorch_lora_weights.safetensors.*denoiser.safetensors"):

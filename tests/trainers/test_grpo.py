@@ -4,12 +4,10 @@ import json
 
 import pytest
 import torch
-
-from visalign.trainers import GRPOConfig
-from visalign.trainers.common.advantages import group_advantages
-from visalign.trainers import TrainingStopped
-
 from tests_support import Brightness
+
+from visalign.trainers import GRPOConfig, TrainingStopped
+from visalign.trainers.common.advantages import group_advantages
 
 
 def lora_vector(trainer):

@@ -17,6 +17,7 @@ def test_bf16_first_inner_step_ratio_is_exactly_one(tiny_model_dir, tmp_path, fa
     the kernel scored, so every (sample, step) ratio of the first inner step is exactly 1 and none is
     clipped at 1e-4 (storing bf16 copies clipped about half of them)."""
     from tests_support import Brightness
+
     from visalign.trainers import GRPOTrainer, LoraSettings, RunSettings
     from visalign.trainers.common.lora import add_lora
 

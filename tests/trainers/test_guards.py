@@ -5,11 +5,10 @@ import math
 
 import pytest
 import torch
+from tests_support import Brightness
 
 from visalign.rewards import Reward, RewardInfo, RewardOutput
 from visalign.trainers.common.guards import GuardSettings, HackingAlarm, kl_gate, uncertainty_of
-
-from tests_support import Brightness
 
 
 class UncertainBrightness(Reward):

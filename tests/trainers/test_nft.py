@@ -139,8 +139,8 @@ def test_nft_trainer_loss_equals_the_reference_on_a_model(make_trainer):
         for p, o in zip(tr.params, tr.old.shadow):
             p.copy_(o)
         v_old2 = tr.sampler.predict(xt, sched.timesteps[levels], sub.cond, 1.0).float()
-        for p, l in zip(tr.params, live):
-            p.copy_(l)
+        for p, kept in zip(tr.params, live):
+            p.copy_(kept)
     v = tr.sampler.predict(xt, sched.timesteps[levels], sub.cond, 1.0).float()
     with torch.no_grad(), tr.sampler.reference():
         v_ref = tr.sampler.predict(xt, sched.timesteps[levels], sub.cond, 1.0).float()

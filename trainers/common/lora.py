@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from visalign.samplers.lora import load_lora, lora_state_dict, save_lora
 from visalign.samplers.lora import add_lora as _add_lora
+from visalign.samplers.lora import load_lora, lora_state_dict, save_lora
 
 __all__ = ["LoraSettings", "add_lora", "save_lora", "load_lora", "lora_state_dict"]
 

@@ -50,8 +50,9 @@ class MetricsLog:
         rows = [r for r in read_jsonl(self.path) if int(r.get("iteration", -1)) <= iteration]
         if self._writer is not None:
             self._writer.close()
-        from visalign.io import atomic_write_text
         import json
+
+        from visalign.io import atomic_write_text
 
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self._writer = JsonlAppender(self.path) if self.enabled else None

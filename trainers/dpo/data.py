@@ -26,7 +26,6 @@ image geometry, so another model or resolution never reads stale latents.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from dataclasses import dataclass, field

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .common import Compute, CountingDenoiser, grid_steps, HistoryHook, nan_invalid, SteerCall, Steered, SteerResult
+from .common import Compute, CountingDenoiser, HistoryHook, SteerCall, Steered, SteerResult, grid_steps, nan_invalid
 
 __all__ = ["best_of_n", "run_best_of_n"]
 

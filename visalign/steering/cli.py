@@ -120,7 +120,6 @@ def _toy_eval(cfg, args) -> int:
     from visalign.io import atomic_write_json
     from visalign.samplers import ModelNotFoundError
     from visalign.threads import configure_threads
-
     from visalign.toy.steer_eval import compare, format_compare  # the toy world's judge of a recipe
 
     if args.toy_eval_samples < 1 or (args.toy_eval_prompts is not None and args.toy_eval_prompts < 1):

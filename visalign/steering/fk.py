@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .common import Compute, CountingDenoiser, lookahead_x0, nan_invalid, score_latents, SteerCall, Steered, SteerResult
+from .common import Compute, CountingDenoiser, SteerCall, Steered, SteerResult, lookahead_x0, nan_invalid, score_latents
 from .guidance import GuidanceConfig, RewardGuidance, needs_gradient
 from .resampling import SCHEMES, ess, normalise, resample
 

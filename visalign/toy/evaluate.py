@@ -20,7 +20,6 @@ much is missing capability.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 

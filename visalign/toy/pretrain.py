@@ -64,6 +64,7 @@ def evaluate(model: M.ToyShapes, per_category: int = 16, seed: int = 1234, num_s
     ``per_category`` prompts per category (cycling through a category's prompts), one image each
     (sample ``n`` uses seed ``seed + n``), through the library's sampler and collect step."""
     from visalign.samplers import collect
+
     from .family import ToySampler
 
     groups = by_tag(split("eval"))

@@ -51,8 +51,7 @@ from torch import nn
 from ..stats import roc_auc  # noqa: F401  (re-exported: visalign.toy.artifacts and older scripts)
 from .prompts import COLORS, SHAPES, TAGS, by_tag, mutate, split, vocabulary
 from .render import render
-from .verify import Detected, check, to_work
-from .verify import _objects, _segment  # the verifier's own segmentation, for dense targets
+from .verify import Detected, _objects, _segment, check, to_work  # the verifier's own segmentation, for dense targets
 
 __all__ = [
     "ProxyBackbone",
@@ -228,8 +227,9 @@ def make_pool(path: str | os.PathLike, model: str, n_train: int = 1500, n_eval: 
     settings as JSON in the file's metadata.  The verdicts are computed on the stored uint8 images,
     so the labels match what the proxy sees.
     """
-    import visalign.samplers as vs
     from safetensors.torch import save_file
+
+    import visalign.samplers as vs
 
     sampler = vs.load(model)
     rng = np.random.default_rng([seed, 7])
