@@ -89,8 +89,9 @@ TOY_REWARD_LAYER = ("plugin.py", "shapes_reward.py", "proxy_reward.py", "artifac
     ("visalign/samplers", ("visalign.rewards", "visalign.toy", "visalign.trainers", "visalign.gallery"), ()),
     ("visalign/toy", ("visalign.trainers",), ()),
     ("visalign/toy", ("visalign.rewards",), TOY_REWARD_LAYER),
-    ("rewards", ("visalign.trainers", "visalign.samplers"), ()),
+    ("rewards", ("visalign.trainers", "visalign.samplers", "visalign.serve"), ()),
     ("visalign/gallery", ("visalign.trainers",), ()),
+    ("visalign/serve", ("visalign.trainers", "visalign.samplers"), ()),
 ])
 def test_layers_import_downward_only(folder, forbidden, exempt):
     """docs/architecture.md's table: the toy world never imports trainers (nor rewards, but for
