@@ -9,6 +9,7 @@ A score request (``POST /score``)::
     {"reward": "shapes-proxy",                 # optional when the server serves one reward
      "prompts": ["a red circle", ...],         # one per item; required by rewards that read prompts
      "images": ["iVBORw0KGgo...", ...],        # base64 PNG / JPEG, 3-channel RGB (or "videos": [[frame, ...], ...])
+                                               #   or raw pixels {"height": H, "width": W, "rgb": base64 of H*W*3 bytes}
      "metadata": [{"tag": "single_object"}, null, ...]}   # optional task metadata, one entry per item
 
 and its answer (items in request order)::
@@ -33,10 +34,11 @@ import numpy as np
 import torch
 
 __all__ = ["PROTOCOL", "FORMATS", "WireError", "ItemError", "to_uint8", "encode_png", "encode_batch",
-           "decode_item", "json_number", "check_lengths"]
+           "decode_item", "json_number", "check_lengths", "encode_raw", "ENCODINGS"]
 
 PROTOCOL = 1  # bumped on an incompatible change of the request or answer
 FORMATS = ("PNG", "JPEG")
+ENCODINGS = ("png", "raw")
 
 
 class WireError(ValueError):
@@ -48,11 +50,12 @@ class ItemError(ValueError):
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Float images in ``[0, 1]`` -> uint8 ``(..., H, W, 3)``: ``round(clamp(x, 0, 1) * 255)``.
+    """Float images in ``[0, 1]`` -> uint8 ``(..., H, W, 3)``: ``clamp(x, 0, 1) * 255`` to the nearest
+    integer (halves up).
 
     Images that are already multiples of 1/255 come back unchanged after the server divides by 255.
     """
-    x = images.detach().to("cpu", torch.float32).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    x = images.detach().to("cpu", torch.float32).clamp(0.0, 1.0).mul(255.0).add_(0.5).to(torch.uint8)
     return x.movedim(-3, -1).contiguous().numpy()  # (..., H, W, 3)
 
 
@@ -65,12 +68,41 @@ def encode_png(array: np.ndarray, compress_level: int = 1) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def encode_batch(images: torch.Tensor) -> list:
-    """``(B, 3, H, W)`` -> B base64 PNGs; ``(B, F, 3, H, W)`` -> B lists of F base64 PNGs."""
+def encode_raw(array: np.ndarray) -> dict:
+    """One uint8 ``(H, W, 3)`` array -> ``{"height", "width", "rgb": base64 of the H*W*3 bytes}``:
+    lossless and nearly free to encode and decode, but uncompressed (for fast links)."""
+    h, w, _ = array.shape
+    return {"height": h, "width": w, "rgb": base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")}
+
+
+def encode_batch(images: torch.Tensor, encoding: str = "png") -> list:
+    """``(B, 3, H, W)`` -> B items; ``(B, F, 3, H, W)`` -> B lists of F frames.
+
+    ``encoding``: ``"png"`` (base64 PNG strings, compressed) or ``"raw"`` (:func:`encode_raw` objects).
+    """
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding={encoding!r}: choose one of {ENCODINGS}")
+    one = encode_png if encoding == "png" else encode_raw
     arrays = to_uint8(images)
     if images.ndim == 4:
-        return [encode_png(a) for a in arrays]
-    return [[encode_png(f) for f in video] for video in arrays]
+        return [one(a) for a in arrays]
+    return [[one(f) for f in video] for video in arrays]
+
+
+def _decode_raw(item: dict, where: str, max_pixels: int) -> np.ndarray:
+    keys = {"height", "width", "rgb"}
+    if set(item) != keys:
+        raise WireError(f"{where}: a raw image is an object with exactly {sorted(keys)}; got {sorted(item)}")
+    h, w = item["height"], item["width"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (h, w)):
+        raise WireError(f"{where}: height and width must be positive integers, got {h!r} and {w!r}")
+    if w * h > max_pixels:
+        raise ItemError(f"{where}: {w}x{h} = {w * h} pixels is over the server's limit of {max_pixels} "
+                        "(--max-pixels); send smaller images")
+    data = _b64decode(item["rgb"], f"{where}.rgb")
+    if len(data) != h * w * 3:
+        raise ItemError(f"{where}: 'rgb' holds {len(data)} bytes; a {w}x{h} RGB image has {h * w * 3}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3).copy()
 
 
 def _b64decode(text: object, where: str) -> bytes:
@@ -107,7 +139,7 @@ def _decode_image(data: bytes, where: str, max_pixels: int) -> np.ndarray:
             img.load()
         except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt data
             raise ItemError(f"{where}: the {img.format} data is damaged ({err})") from None
-        return np.asarray(img, dtype=np.uint8)  # (H, W, 3)
+        return np.array(img, dtype=np.uint8)  # (H, W, 3), writable
 
 
 def decode_item(item: object, where: str, *, video: bool, max_pixels: int) -> torch.Tensor:
@@ -121,16 +153,24 @@ def decode_item(item: object, where: str, *, video: bool, max_pixels: int) -> to
         if not isinstance(item, list) or not item:
             raise WireError(f"{where} must be a non-empty list of base64 frames, got "
                             f"{type(item).__name__ if not isinstance(item, list) else 'an empty list'}")
-        datas = [_b64decode(f, f"{where}[{j}]") for j, f in enumerate(item)]
-        frames = [_decode_image(d, f"{where}[{j}]", max_pixels) for j, d in enumerate(datas)]
+        frames = [_decode_frame(f, f"{where}[{j}]", max_pixels) for j, f in enumerate(item)]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
             raise ItemError(f"{where}: the frames differ in size ({sorted(s[:2] for s in shapes)}); "
                             "every frame of a video must have the same height and width")
         array = np.stack(frames)  # (F, H, W, 3)
     else:
-        array = _decode_image(_b64decode(item, where), where, max_pixels)  # (H, W, 3)
+        array = _decode_frame(item, where, max_pixels)  # (H, W, 3)
     return torch.from_numpy(array).movedim(-1, -3).float().div_(255.0)
+
+
+def _decode_frame(item: object, where: str, max_pixels: int) -> np.ndarray:
+    if isinstance(item, dict):
+        return _decode_raw(item, where, max_pixels)
+    if not isinstance(item, str):
+        raise WireError(f"{where} must be a base64 PNG / JPEG string or a raw image object "
+                        f"{{\"height\", \"width\", \"rgb\"}}, got {type(item).__name__}")
+    return _decode_image(_b64decode(item, where), where, max_pixels)
 
 
 def json_number(value: float) -> float | None:

@@ -82,7 +82,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    srv = Server("shapes-proxy,artifact,shapes:mode=strict", "--max-wait-ms", "30", "--max-request-mb", "1",
+    srv = Server("shapes-proxy,artifact,shapes:mode=strict,video_frames:reward=artifact,frames=2", "--max-wait-ms", "30", "--max-request-mb", "1",
                  "--max-pixels", str(128 * 128))
     yield srv
     rc = srv.stop(signal.SIGTERM)
@@ -135,8 +135,13 @@ def test_remote_scores_equal_in_process_scores(server):
     want, got = local(x, prompts), far(x, prompts)
     assert_same(got, want)
     assert not got.valid[-1] and "could not judge" in got.extras["reason"][-1]
-    art = remote(server.url, "artifact")
-    assert_same(art(x), R.load("artifact")(x))
+    for encoding in ("png", "raw"):
+        art = remote(server.url, "artifact", encoding=encoding)
+        assert_same(art(x), R.load("artifact")(x))
+    video = torch.stack([x[:4], x[4:8].flip(-1)], dim=1)  # (4, 2, 3, H, W): two frames per item
+    for encoding in ("png", "raw"):
+        assert_same(remote(server.url, "video_frames", encoding=encoding)(video),
+                    R.load("video_frames:reward=artifact,frames=2")(video))
     with pytest.raises(ValueError, match="needs prompts"):  # the served reward's inputs hold on the client
         far(x)
 
@@ -192,11 +197,15 @@ def test_bad_requests_are_4xx_with_a_message_and_the_server_keeps_serving(server
     cases = [
         ("{\"reward\": \"artifact\", \"images\": [", 400, "malformed JSON"),
         (json.dumps({"reward": "artifact", "images": [good, truncated]}), 400, "images[1] is not valid base64 (truncated?"),
-        (json.dumps({"reward": "nope", "images": [good]}), 404, "this server serves artifact, shapes, shapes-proxy"),
+        (json.dumps({"reward": "nope", "images": [good]}), 404, "this server serves artifact, shapes, shapes-proxy, video_frames"),
         (json.dumps({"reward": "artifact", "images": [good], "imgs": []}), 400, "unknown field(s) ['imgs']"),
         (json.dumps({"reward": "shapes-proxy", "images": [good]}), 400, "needs 'prompts'"),
         (json.dumps({"reward": "artifact", "images": [good], "prompts": ["a", "b"]}), 400, "'prompts' has 2 entries for 1"),
         (json.dumps({"images": [good]}), 400, "name the reward"),
+        (json.dumps({"reward": "artifact", "images": [{"height": 2, "width": 2}]}), 400,
+         "images[0]: a raw image is an object with exactly ['height', 'rgb', 'width']"),
+        (json.dumps({"reward": "artifact", "images": [7]}), 400, "images[0] must be a base64 PNG / JPEG string or a raw"),
+        (json.dumps({"reward": "video_frames", "videos": [[good], []]}), 400, "videos[1] must be a non-empty list"),
         (json.dumps({"reward": "artifact", "images": [png_b64(np.random.default_rng(0).integers(
             0, 256, (700, 700, 3), dtype=np.uint8))]}), 413, "larger than the server's limit of 1 MB"),
     ]
@@ -206,16 +215,18 @@ def test_bad_requests_are_4xx_with_a_message_and_the_server_keeps_serving(server
     # bad items: their own errors and null scores; the good items of the same request are scored
     damaged = base64.b64encode(base64.b64decode(good)[:60]).decode()
     items = [good, damaged, png_b64(np.zeros((8, 8, 4), np.uint8)), png_b64(np.zeros((200, 100, 3), np.uint8)),
-             base64.b64encode(b"not an image at all").decode(), png_b64(np.full((16, 16, 3), 9, np.uint8), "JPEG")]
+             base64.b64encode(b"not an image at all").decode(), png_b64(np.full((16, 16, 3), 9, np.uint8), "JPEG"),
+             {"height": 4, "width": 4, "rgb": base64.b64encode(bytes(47)).decode()}]
     status, answer = post(server.url, json.dumps({"reward": "artifact", "images": items}))
     assert status == 200
-    assert [s is None for s in answer["scores"]] == [False, True, True, True, True, False]
+    assert [s is None for s in answer["scores"]] == [False, True, True, True, True, False, True]
     errs = answer["errors"]
     assert errs[0] is None and errs[5] is None
     assert "images[1]: the PNG data is damaged" in errs[1] or "images[1]: not a PNG or JPEG" in errs[1]
     assert "images[2]: mode RGBA (4 channels)" in errs[2]
     assert "images[3]: 100x200 = 20000 pixels is over the server's limit of 16384" in errs[3]
     assert "images[4]: not a PNG or JPEG image" in errs[4]
+    assert "images[6]: 'rgb' holds 47 bytes; a 4x4 RGB image has 48" in errs[6]
     want = R.load("artifact")(images(1)[:0].new_full((1, 3, 32, 32), 120 / 255)).scores.item()
     assert answer["scores"][0] == pytest.approx(want, abs=1e-5)
     assert all(len(v) == len(items) for v in answer["components"].values())

@@ -199,6 +199,16 @@ def create_app(rewards: Mapping[str, Reward], limits: Limits = Limits(), token: 
             raise too_big
         return b"".join(chunks)
 
+    def prepare(body: bytes):
+        """Parse, check and decode a request body (in a worker thread: JSON and image decoding take CPU)."""
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise WireError(f"malformed JSON: {err}") from None
+        name, video, items, prompts, metadata = _parse(payload, rewards)
+        decoded, item_errors = _decode_all(items, video, limits.max_pixels)
+        return name, items, decoded, item_errors, prompts, metadata
+
     async def health(request):
         if not authorised(request):
             return error(401, unauthorised, {"WWW-Authenticate": "Bearer"})
@@ -210,12 +220,7 @@ def create_app(rewards: Mapping[str, Reward], limits: Limits = Limits(), token: 
             return error(401, unauthorised, {"WWW-Authenticate": "Bearer"})
         try:
             body = await read_body(request)
-            try:
-                payload = await run_in_threadpool(json.loads, body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise WireError(f"malformed JSON: {err}") from None
-            name, video, items, prompts, metadata = _parse(payload, rewards)
-            decoded, item_errors = await run_in_threadpool(_decode_all, items, video, limits.max_pixels)
+            name, items, decoded, item_errors, prompts, metadata = await run_in_threadpool(prepare, body)
             ok = [i for i in range(len(items)) if i not in item_errors]
             future = batcher.submit(name, [decoded[i] for i in ok], [prompts[i] for i in ok], [metadata[i] for i in ok])
             result = await asyncio.wrap_future(future)
