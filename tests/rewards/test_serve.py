@@ -311,3 +311,13 @@ def test_a_toy_recipe_trains_one_iteration_with_its_reward_remote(server, tmp_pa
     assert len(rows) == 1 and rows[0]["reward/valid_fraction"] == 1.0 and 0 <= rows[0]["reward/mean"] <= 1
     assert not torch.equal(before, torch.cat([p.detach().flatten() for p in trainer.params]))
     assert remote(server.url, "shapes").health()["stats"]["items"] - served == 4 * 2  # the rollouts, scored remotely
+
+
+def test_rewards_the_server_cannot_serve_faithfully_are_refused():
+    from visalign.serve import load_served
+
+    for specs, needle in ((["diversity"], "scores each sample against the others"),
+                          (["artifact", "artifact"], "two specs serve the name 'artifact'"),
+                          (["remote:url=http://127.0.0.1:1"], "serves local rewards")):
+        with pytest.raises(ValueError, match=needle):
+            load_served(specs)

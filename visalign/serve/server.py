@@ -36,6 +36,9 @@ __all__ = ["Limits", "create_app", "load_served", "serve", "MISSING_EXTRA"]
 
 MISSING_EXTRA = "the reward server needs Starlette and uvicorn: pip install 'visalign[serve]'"
 _REQUEST_KEYS = ("reward", "prompts", "images", "videos", "metadata")
+# rewards whose score of a sample depends on the other samples of the batch (within-group diversity):
+# dynamic batching would mix requests, so they are not served
+BATCH_DEPENDENT = frozenset({"diversity"})
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ def load_served(specs: list[str], device: str | None = None) -> dict[str, Reward
         if name in served:
             raise ValueError(f"two specs serve the name {name!r}; serve one of them per server "
                              "(clients choose a reward by name)")
+        if name in BATCH_DEPENDENT:
+            raise ValueError(f"reward {name!r} scores each sample against the others of its batch; the server "
+                             "batches items of different requests together, so score it in-process")
         reward = R.load(spec)
         if "references" in reward.info.inputs:
             raise ValueError(f"reward {name!r} needs reference images, which the server does not take; "
