@@ -240,6 +240,16 @@ class RemoteReward(Reward):
             self._pool.shutdown(wait=False)
             self._pool = None
 
+    def __getstate__(self) -> dict:
+        # connections and request threads belong to one process: a copy opens its own
+        state = dict(self.__dict__)
+        state["_local"], state["_pool"] = None, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
     def __repr__(self) -> str:
         return f"RemoteReward(url={self.url!r}, name={self.name!r})"
 

@@ -5,6 +5,7 @@ weight-free ``artifact`` reward, and is stopped (SIGTERM, or SIGKILL where that 
 from __future__ import annotations
 
 import base64
+import copy
 import http.client
 import io
 import json
@@ -135,6 +136,7 @@ def test_remote_scores_equal_in_process_scores(server):
     want, got = local(x, prompts), far(x, prompts)
     assert_same(got, want)
     assert not got.valid[-1] and "could not judge" in got.extras["reason"][-1]
+    assert_same(copy.deepcopy(far)(x, prompts), want)  # a copy opens its own connections
     for encoding in ("png", "raw"):
         art = remote(server.url, "artifact", encoding=encoding)
         assert_same(art(x), R.load("artifact")(x))
