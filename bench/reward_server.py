@@ -142,7 +142,7 @@ def main() -> None:
     in_process(reward, x[: args.max_batch], prompts, args.max_batch)  # warm-up
     proc, url = start_server(args.reward, args)
     try:
-        local_s, served_s, lat = [], [], []
+        local_s, served_s, lat, busy = [], [], [], []
         for _ in range(args.repeats):
             seconds, want = in_process(reward, x, prompts, args.max_batch)
             local_s.append(seconds)
@@ -155,6 +155,7 @@ def main() -> None:
             if checked != n or scored != n or after["requests"] - before["requests"] != args.clients * args.requests:
                 raise SystemExit(f"lost or duplicated items: sent {n}, checked {checked}, the server scored {scored}")
             calls = after["reward_calls"] - before["reward_calls"]
+            busy.append((after["reward_seconds"] - before["reward_seconds"]) / seconds)
         stats = after
     finally:
         proc.send_signal(signal.SIGINT)
@@ -172,6 +173,7 @@ def main() -> None:
     print(f"| server, {args.clients} clients | {n / served:.1f} | {np.percentile(lat_ms, 50):.1f} | "
           f"{np.percentile(lat_ms, 99):.1f} | {calls} (largest batch {stats['largest_batch']}) | 0 / 0 |")
     print(f"| **ratio** | **{local / served:.2f}** | | | | |")
+    print(f"# the server spent {statistics.median(busy):.0%} of the wall time inside reward calls")
 
 
 if __name__ == "__main__":

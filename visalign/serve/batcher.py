@@ -104,7 +104,7 @@ class Batcher:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._stats = {"requests": 0, "items": 0, "batches": 0, "reward_calls": 0, "largest_batch": 0,
-                       "failed_calls": 0, "busy_rejections": 0}
+                       "failed_calls": 0, "busy_rejections": 0, "reward_seconds": 0.0}
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -120,7 +120,7 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         with self._cond:
             return {**self._stats, "queued": len(self._queue)}
 
@@ -216,10 +216,12 @@ class Batcher:
             x = x.to(self.device)
         prompts = [it.prompt for it in items] if items[0].prompt is not None else None
         metadata = [it.metadata for it in items] if items[0].metadata is not None else None
+        t0 = time.perf_counter()
         with torch.no_grad():
             out = reward(x, prompts, metadata=metadata)
         with self._cond:
             self._stats["reward_calls"] += 1
+            self._stats["reward_seconds"] += time.perf_counter() - t0
         scores = out.scores.detach().float().cpu().tolist()
         valid = out.valid.detach().cpu().tolist()
         comps = {k: v.detach().float().cpu().tolist() for k, v in out.components.items()}
