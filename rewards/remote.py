@@ -229,9 +229,13 @@ class RemoteReward(Reward):
             return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32,
                                 device=images.device)
 
+        extra_keys = list(dict.fromkeys(k for a in answers for k in a.get("extras", {})))
+        extras = {k: [v for a in answers for v in a.get("extras", {}).get(k, [None] * len(a["scores"]))]
+                  for k in extra_keys}
+        extras["reason"] = [e or "" for e in errors]  # the server's per-item message, the reward's reason included
         valid = torch.tensor([s is not None and e is None for s, e in zip(scores, errors)], device=images.device)
         return RewardOutput(scores=tensor(scores), components={k: tensor(v) for k, v in comps.items()}, valid=valid,
-                            extras={"reason": [e or "" for e in errors]})
+                            extras=extras)
 
     def close(self) -> None:
         """Close this thread's connection and the request threads."""

@@ -16,7 +16,8 @@ and its answer (items in request order)::
 
     {"reward": "shapes-proxy", "scores": [0.93, null, ...],
      "components": {"p_strict": [0.93, null, ...], ...},
-     "errors": [null, "images[1]: not a PNG or JPEG image ...", ...]}
+     "errors": [null, "images[1]: not a PNG or JPEG image ...", ...],
+     "extras": {"reason": ["", null, ...], ...}}   # the reward's per-sample strings / numbers
 
 A score is ``null`` exactly where ``errors`` holds a message: the item could not be decoded, or
 the reward could not judge it.

@@ -148,6 +148,16 @@ def test_remote_scores_equal_in_process_scores(server):
         far(x)
 
 
+def test_per_sample_extras_travel(server):
+    x, prompts = images(4, seed=3), PROMPTS[:3] + ["a purple dragon riding a bicycle"]
+    want = R.load("shapes:mode=strict")(x, prompts)
+    got = remote(server.url, "shapes")(x, prompts)
+    assert_same(got, want)
+    for key in ("tag", "source"):  # the gold verifier's per-sample strings
+        assert got.extras[key] == list(want.extras[key]), key
+    assert want.extras["reason"][-1] and want.extras["reason"][-1] in got.extras["reason"][-1]
+
+
 def test_concurrent_clients_get_every_item_once_in_order_and_batched(server):
     far = remote(server.url, "shapes-proxy")
     local = R.load("shapes-proxy")

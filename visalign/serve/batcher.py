@@ -49,6 +49,7 @@ class Result:
     scores: list[float | None]
     components: dict[str, list[float | None]]
     errors: list[str | None]
+    extras: dict[str, list] = field(default_factory=dict)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class _Job:
     scores: list = field(default_factory=list)
     components: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)
+    extras: dict = field(default_factory=dict)
     remaining: int = 0
     failed: bool = False
 
@@ -103,6 +105,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._warned: set[tuple[str, str]] = set()
         self._stats = {"requests": 0, "items": 0, "batches": 0, "reward_calls": 0, "largest_batch": 0,
                        "failed_calls": 0, "busy_rejections": 0, "reward_seconds": 0.0}
 
@@ -225,7 +228,9 @@ class Batcher:
         scores = out.scores.detach().float().cpu().tolist()
         valid = out.valid.detach().cpu().tolist()
         comps = {k: v.detach().float().cpu().tolist() for k, v in out.components.items()}
-        reasons = out.extras.get("reason") if isinstance(out.extras, dict) else None
+        extras = dict(out.extras) if isinstance(out.extras, dict) else {}
+        reasons = extras.get("reason")
+        carried = self._per_sample_extras(name, extras, len(items))
         for j, item in enumerate(items):
             job = item.job
             if valid[j]:
@@ -236,14 +241,32 @@ class Batcher:
                     "the reward could not judge this item (invalid)")
             for key, values in comps.items():
                 job.components.setdefault(key, [None] * job.n)[item.index] = json_number(values[j])
+            for key, values in carried.items():
+                job.extras.setdefault(key, [None] * job.n)[item.index] = values[j]
             self._done(job)
+
+    def _per_sample_extras(self, name: str, extras: dict, b: int) -> dict[str, list]:
+        """The extras that are one JSON value (string, number, bool, null) per sample; others are
+        named once on stderr, never dropped without a word."""
+        carried: dict[str, list] = {}
+        for key, value in extras.items():
+            if isinstance(value, torch.Tensor) and value.ndim == 1 and value.shape[0] == b:
+                carried[key] = [json_number(v) if isinstance(v, float) else v for v in value.detach().cpu().tolist()]
+            elif isinstance(value, (list, tuple)) and len(value) == b and all(
+                    v is None or isinstance(v, (str, int, float, bool)) for v in value):
+                carried[key] = [json_number(v) if isinstance(v, float) else v for v in value]
+            elif (name, key) not in self._warned:
+                self._warned.add((name, key))
+                print(f"visalign rewards serve: reward {name!r}: extras[{key!r}] is not one string or number per "
+                      "sample, so it is not sent to clients", file=sys.stderr, flush=True)
+        return carried
 
     def _done(self, job: _Job) -> None:
         job.remaining -= 1
         if job.remaining == 0 and not job.failed:
             with self._cond:
                 self._stats["items"] += job.n
-            job.future.set_result(Result(job.scores, job.components, job.errors))
+            job.future.set_result(Result(job.scores, job.components, job.errors, job.extras))
 
     def _fail(self, job: _Job, err: Exception) -> None:
         if not job.failed:
@@ -256,11 +279,14 @@ def as_payload(result: Result, reward: str, item_errors: dict[int, str], n: int)
     scores: list[float | None] = [None] * n
     errors: list[str | None] = [None] * n
     components: dict[str, list[float | None]] = {k: [None] * n for k in result.components}
+    extras: dict[str, list] = {k: [None] * n for k in result.extras}
     ok = [i for i in range(n) if i not in item_errors]
     for j, i in enumerate(ok):
         scores[i], errors[i] = result.scores[j], result.errors[j]
         for key, values in result.components.items():
             components[key][i] = values[j]
+        for key, values in result.extras.items():
+            extras[key][i] = values[j]
     for i, message in item_errors.items():
         errors[i] = message
-    return {"reward": reward, "scores": scores, "components": components, "errors": errors}
+    return {"reward": reward, "scores": scores, "components": components, "errors": errors, "extras": extras}
