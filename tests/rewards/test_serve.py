@@ -140,6 +140,8 @@ def test_remote_scores_equal_in_process_scores(server):
     for encoding in ("png", "raw"):
         art = remote(server.url, "artifact", encoding=encoding)
         assert_same(art(x), R.load("artifact")(x))
+    mixed = R.combine({remote(server.url, "artifact"): 1.0, "shapes-proxy": 0.5})  # remote beside local
+    assert_same(mixed(x, prompts), R.combine({"artifact": 1.0, "shapes-proxy": 0.5})(x, prompts))
     video = torch.stack([x[:4], x[4:8].flip(-1)], dim=1)  # (4, 2, 3, H, W): two frames per item
     for encoding in ("png", "raw"):
         assert_same(remote(server.url, "video_frames", encoding=encoding)(video),
@@ -333,3 +335,29 @@ def test_rewards_the_server_cannot_serve_faithfully_are_refused():
                           (["remote:url=http://127.0.0.1:1"], "serves local rewards")):
         with pytest.raises(ValueError, match=needle):
             load_served(specs)
+
+
+def test_visalign_steer_best_of_n_with_a_remote_reward_picks_as_the_local_one(server, tmp_path, monkeypatch, capsys):
+    from visalign.cli import main
+
+    monkeypatch.setenv("VISALIGN_REWARD_TOKEN", TOKEN)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a circle\ntwo squares\n")
+    rows = {}
+    for tag, spec in (("local", "shapes-proxy"), ("remote", f"remote:url={server.url},name=shapes-proxy")):
+        out = tmp_path / tag
+        assert main(["steer", "--model", "toy-shapes", "--prompts", str(prompts), "--method", "bon", "--reward", spec,
+                     "--particles", "3", "--steps", "2", "--seed", "7", "--out", str(out), "--threads", "1",
+                     "--no-grid"]) == 0
+        rows[tag] = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len({r for row in rows["local"] for r in row["particle_rewards"]}) > 1  # the choice is not a tie
+    for a, b in zip(rows["local"], rows["remote"], strict=True):
+        # the sampler's float images reach the server as 8-bit PNG (at most 1/510 a pixel off), hence 1e-3
+        assert a["particle_rewards"] == pytest.approx(b["particle_rewards"], abs=1e-3) and a["seeds"] == b["seeds"]
+        pick = [max(range(3), key=r["particle_rewards"].__getitem__) for r in (a, b)]
+        assert pick[0] == pick[1]
+    # gradient guidance needs a gradient, which no remote reward has
+    assert main(["steer", "--model", "toy-shapes", "--prompt", "a circle", "--method", "guidance", "--reward",
+                 f"remote:url={server.url},name=shapes-proxy", "--steps", "2", "--out", str(tmp_path / "g"),
+                 "--threads", "1"]) == 2
+    assert "differentiable" in capsys.readouterr().err
