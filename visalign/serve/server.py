@@ -291,7 +291,7 @@ def serve(rewards: Mapping[str, Reward], *, host: str = "127.0.0.1", port: int =
     app = create_app(rewards, limits, token, on_ready=(lambda: log(line)) if log else None, device=device)
     config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=75,
                             timeout_graceful_shutdown=60)
-    server = _Server(config)
+    server = _server_class(uvicorn)(config)
     try:
         server.run(sockets=[sock])
     finally:
@@ -299,14 +299,12 @@ def serve(rewards: Mapping[str, Reward], *, host: str = "127.0.0.1", port: int =
     return signal.Signals(server.signals[0]).name if server.signals else None
 
 
-try:
-    import uvicorn as _uvicorn
+def _server_class(uvicorn):
+    """uvicorn's server, stopping gracefully on SIGINT / SIGTERM and then returning normally
+    (uvicorn itself re-raises the signal after shutting down, which would end the process with
+    the signal's exit status)."""
 
-    class _Server(_uvicorn.Server):
-        """uvicorn's server, stopping gracefully on SIGINT / SIGTERM and then returning normally
-        (uvicorn itself re-raises the signal after shutting down, which would end the process
-        with the signal's exit status)."""
-
+    class Server(uvicorn.Server):
         signals: list[int] = []
 
         @contextlib.contextmanager
@@ -326,6 +324,5 @@ try:
             finally:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
-except ModuleNotFoundError:  # reported by serve() with the install hint
-    _Server = None  # type: ignore[assignment,misc]
 
+    return Server
