@@ -43,14 +43,15 @@ def free_port() -> int:
 class Server:
     """``visalign rewards serve`` in a subprocess; ``url`` once it listens."""
 
-    def __init__(self, specs: str, *args: str, port: int = 0, token: str | None = TOKEN) -> None:
+    def __init__(self, specs: str, *args: str, port: int = 0, token: str | None = TOKEN,
+                 command: list[str] | None = None) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         env.pop("VISALIGN_REWARD_TOKEN", None)
         if token:
             env["VISALIGN_REWARD_TOKEN"] = token
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "visalign", "rewards", "serve", specs, "--port", str(port), "--threads", "1", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        command = command or [sys.executable, "-m", "visalign", "rewards", "serve", specs, "--port", str(port),
+                              "--threads", "1", *args]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
         ready = threading.Event()
 
@@ -361,3 +362,60 @@ def test_visalign_steer_best_of_n_with_a_remote_reward_picks_as_the_local_one(se
                  f"remote:url={server.url},name=shapes-proxy", "--steps", "2", "--out", str(tmp_path / "g"),
                  "--threads", "1"]) == 2
     assert "differentiable" in capsys.readouterr().err
+
+
+PICKY = '''
+from visalign import rewards as R
+from visalign.rewards import Reward, RewardInfo, RewardOutput
+from visalign.serve import Limits, load_served, serve
+
+
+class Picky(Reward):
+    """Test reward: the mean pixel; rejects the prompt 'boom' (an input error), fails on 'crash'."""
+
+    info = RewardInfo("picky", inputs=("images", "prompts"))
+
+    def score(self, images, prompts, references, metadata):
+        if "boom" in prompts:
+            raise ValueError("the prompt 'boom' is not one this reward scores")
+        if "crash" in prompts:
+            raise RuntimeError("CUDA out of memory (a server fault)")
+        return RewardOutput(images.flatten(1).mean(1))
+
+
+R.register(Picky.info, Picky)
+serve(load_served(["picky"]), port=0, limits=Limits(max_wait_ms=1000), log=lambda line: print(line, flush=True))
+'''
+
+
+def test_a_request_the_reward_rejects_fails_alone(tmp_path):
+    """Requests batched together: the one whose input the reward rejects gets 422 with the reward's
+    message, the others their scores; a server fault is a 500; the server goes on."""
+    script = tmp_path / "picky_server.py"
+    script.write_text(PICKY)
+    srv = Server("", token=None, command=[sys.executable, str(script)])
+    try:
+        x = images(3, seed=11)
+        encoded = [png_b64((x[i] * 255).round().byte().permute(1, 2, 0).numpy()) for i in range(3)]
+        bodies = {tag: json.dumps({"images": encoded, "prompts": prompts})
+                  for tag, prompts in (("a", ["p", "q", "r"]), ("bad", ["p", "boom", "r"]), ("c", ["s", "t", "u"]))}
+        answers: dict = {}
+        pool = [threading.Thread(target=lambda t=tag: answers.update({t: post(srv.url, bodies[t], token=None)}))
+                for tag in bodies]
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join(60)
+        stats = post(srv.url, "", token=None, path="/health")[1]["stats"]
+        assert stats["batches"] < 3 and stats["failed_calls"] == 1  # batched together, then each request alone
+        want = x.flatten(1).mean(1).tolist()
+        for tag in ("a", "c"):
+            status, answer = answers[tag]
+            assert status == 200 and answer["scores"] == pytest.approx(want, abs=1e-6), answer
+        status, answer = answers["bad"]
+        assert status == 422 and "ValueError: the prompt 'boom' is not one this reward scores" in answer["error"]
+        status, answer = post(srv.url, bodies["a"].replace('"q"', '"crash"'), token=None)
+        assert status == 500 and "CUDA out of memory" in answer["error"]
+        assert post(srv.url, bodies["c"], token=None)[0] == 200
+    finally:
+        assert srv.stop() == 0

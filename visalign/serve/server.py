@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -239,6 +240,9 @@ def create_app(rewards: Mapping[str, Reward], limits: Limits = Limits(), token: 
             return error(503, f"the server is busy: {err}", {"Retry-After": "1"})
         except RewardFailed as err:
             return error(422 if err.input_error else 500, str(err))
+        except Exception as err:  # a fault of the server itself: answered, logged, and the server goes on
+            traceback.print_exc(file=sys.stderr)
+            return error(500, f"the server failed on this request: {type(err).__name__}: {err}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
