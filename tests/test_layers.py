@@ -155,8 +155,8 @@ ALGORITHMS = ("visalign.trainers.grpo", "visalign.trainers.nft", "visalign.train
               "visalign.trainers.backprop")
 #: the command-line entry points: nothing imports them but the entry point above them
 CLIS = ("visalign.cli", "visalign.__main__", "visalign.trainers.cli", "visalign.steering.cli",
-        "visalign.gallery.cli", "visalign.toy.cli")
-ABOVE_REWARDS = ("visalign.trainers", "visalign.steering", "visalign.gallery", *CLIS)
+        "visalign.gallery.cli", "visalign.toy.cli", "visalign.serve.cli")
+ABOVE_REWARDS = ("visalign.trainers", "visalign.steering", "visalign.gallery", "visalign.serve", *CLIS)
 
 #: (name, importers, never imported by them, why); an importer prefix covers its submodules
 RULES: list[tuple[str, tuple[str, ...], tuple[str, ...], str]] = [
@@ -166,6 +166,8 @@ RULES: list[tuple[str, tuple[str, ...], tuple[str, ...], str]] = [
      "a reward never knows which model made the images: no samplers, nothing above rewards"),
     ("gallery", ("visalign.gallery",), ("visalign.trainers", "visalign.steering"),
      "the gallery scores with rewards; it never needs trainers or steering"),
+    ("serve", ("visalign.serve",), ("visalign.trainers", "visalign.steering", "visalign.samplers"),
+     "the reward server serves rewards; it never needs a sampler, trainers or steering"),
     ("steering", ("visalign.steering",), ("visalign.trainers", "visalign.gallery"),
      "steering is a peer of the trainers, not a trainer: it stands on samplers and rewards"),
     ("trainers", ("visalign.trainers",), ("visalign.steering", "visalign.gallery"),

@@ -85,6 +85,10 @@ def _add_rewards(p: argparse.ArgumentParser) -> None:
                     help="override a recipe key, e.g. --set optim.steps=200 (repeatable)")
     tr.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default auto: the cores other processes leave free)")
+    from .serve.cli import add_arguments as add_serve
+
+    add_serve(sub.add_parser("serve", help="serve rewards over HTTP for remote:url=... clients (docs/rewards.md)",
+                             description="serve rewards over HTTP (JSON, base64 PNG / JPEG) with dynamic batching"))
 
 
 def _run_rewards(args) -> int:
@@ -95,6 +99,10 @@ def _run_rewards(args) -> int:
 
     if getattr(args, "rewards_command", None) == "train":
         return _run_rewards_train(args)
+    if getattr(args, "rewards_command", None) == "serve":
+        from .serve.cli import run as run_serve
+
+        return run_serve(args)
     if args.json:
         print(json.dumps([dataclasses.asdict(i) for i in rewards.available()], indent=2))
     else:

@@ -90,8 +90,9 @@ TOY_REWARD_LAYER = ("plugin.py", "shapes_reward.py", "proxy_reward.py", "artifac
     ("visalign/toy", ("visalign.trainers",), ()),
     ("visalign/toy", ("visalign.rewards",), TOY_REWARD_LAYER),
     ("visalign/toy", ("visalign.steering", "visalign.gallery"), ("steer_eval.py",)),
-    ("rewards", ("visalign.trainers", "visalign.samplers"), ()),
+    ("rewards", ("visalign.trainers", "visalign.samplers", "visalign.serve"), ()),
     ("visalign/gallery", ("visalign.trainers",), ()),
+    ("visalign/serve", ("visalign.trainers", "visalign.samplers"), ()),
 ])
 def test_layers_import_downward_only(folder, forbidden, exempt):
     """docs/architecture.md's table: the toy world never imports trainers (nor rewards, but for
