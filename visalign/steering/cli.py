@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from visalign.errors import UsageError
+
 #: command-line flag -> recipe key
 FLAGS = {
     "model": "model.name", "prompt": "prompt", "prompts": "prompts", "method": "method", "reward": "reward",
@@ -96,20 +98,16 @@ def run(args) -> int:
         return 2
     try:
         return _toy_eval(cfg, args) if getattr(args, "toy_eval", False) else _steer(cfg)
-    except _Usage as err:
+    except UsageError as err:
         print(f"visalign steer: error: {err}", file=sys.stderr)
         return 2
-
-
-class _Usage(Exception):
-    pass
 
 
 def _check_lora(cfg) -> None:
     from pathlib import Path
 
     if cfg.model.lora and not Path(cfg.model.lora).is_dir():
-        raise _Usage(f"--lora {cfg.model.lora}: no such folder; give the folder visalign train wrote "
+        raise UsageError(f"--lora {cfg.model.lora}: no such folder; give the folder visalign train wrote "
                      "(RUN/final, or RUN/export/iter_N)")
 
 
@@ -123,17 +121,17 @@ def _toy_eval(cfg, args) -> int:
     from visalign.toy.steer_eval import compare, format_compare  # the toy world's judge of a recipe
 
     if args.toy_eval_samples < 1 or (args.toy_eval_prompts is not None and args.toy_eval_prompts < 1):
-        raise _Usage("--toy-eval-samples and --toy-eval-prompts must be >= 1")
+        raise UsageError("--toy-eval-samples and --toy-eval-prompts must be >= 1")
     _check_lora(cfg)
     try:
         configure_threads(cfg.run.threads, cfg.model.device)
     except ValueError as err:
-        raise _Usage(f"--threads: {err}") from None
+        raise UsageError(f"--threads: {err}") from None
     try:
         result = compare(cfg, lora=cfg.model.lora, samples=args.toy_eval_samples, max_prompts=args.toy_eval_prompts,
                          load_reward=_load_reward)
     except (ModelNotFoundError, FileNotFoundError, ValueError) as err:
-        raise _Usage(str(err)) from None
+        raise UsageError(str(err)) from None
     print(format_compare(result))
     out = Path(cfg.run.out) / "toy_eval.json"
     atomic_write_json(out, json.loads(json.dumps(result)))
@@ -157,20 +155,20 @@ def _steer(cfg) -> int:
     from .guidance import needs_gradient
 
     if cfg.prompt is None and cfg.prompts is None:
-        raise _Usage("no prompts: give --prompt TEXT or --prompts FILE (or prompt: / prompts: in the recipe)")
+        raise UsageError("no prompts: give --prompt TEXT or --prompts FILE (or prompt: / prompts: in the recipe)")
     try:
         records = [{"prompt": cfg.prompt, "metadata": None}] if cfg.prompt is not None else load_prompts(cfg.prompts)
     except (FileNotFoundError, ValueError) as err:
-        raise _Usage(str(err)) from None
+        raise UsageError(str(err)) from None
     try:
         configure_threads(cfg.run.threads, cfg.model.device)
     except ValueError as err:
-        raise _Usage(f"--threads: {err}") from None
+        raise UsageError(f"--threads: {err}") from None
     _check_lora(cfg)
     try:
         sampler = load(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, **cfg.model.options)
     except ModelNotFoundError as err:
-        raise _Usage(str(err)) from None
+        raise UsageError(str(err)) from None
     if cfg.model.lora:
         from visalign.samplers.lora import load_finetuned
 
@@ -182,7 +180,7 @@ def _steer(cfg) -> int:
             g_reward = _load_reward(cfg.guidance_reward, cfg.reward_options) if cfg.guidance_reward else reward
             needs_gradient(g_reward, f"--method {cfg.method}")
     except (ValueError, FileNotFoundError) as err:
-        raise _Usage(f"reward: {err}") from None
+        raise UsageError(f"reward: {err}") from None
     if hasattr(reward, "to") and cfg.model.device:
         reward.to(cfg.model.device)
 
