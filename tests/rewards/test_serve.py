@@ -328,6 +328,53 @@ def test_a_toy_recipe_trains_one_iteration_with_its_reward_remote(server, tmp_pa
     assert remote(server.url, "shapes").health()["stats"]["items"] - served == 4 * 2  # the rollouts, scored remotely
 
 
+def test_a_training_run_rides_out_a_server_kill_and_restart_without_losing_an_iteration(tmp_path):
+    """The server is SIGKILLed just as iteration 2 sends its rollouts and comes back on the same port
+    3 s later: the client retries, the run goes on, every iteration is logged once with all its
+    rewards valid, and the restarted server scored exactly the rollouts of iterations 2 and 3."""
+    from visalign.trainers import build_trainer, load_recipe
+
+    port = free_port()
+    servers = [Server("shapes", port=port)]
+    spec = f"remote:url={servers[0].url},name=shapes,token={TOKEN},retries=40,backoff=0.2"
+    run = tmp_path / "run"
+    overrides = ["run.iterations=3", f"run.run_dir={run}", "run.progress=false", "run.save_sample_grid=false",
+                 "run.eval_every=0", f"rewards={json.dumps({spec: 1.0})}", "eval_rewards=[]",
+                 "nft.group_size=4", "nft.prompts_per_iteration=2", "nft.num_steps=4", "nft.train_batch_size=8"]
+    trainer = build_trainer(load_recipe(ROOT / "configs" / "toy" / "nft_cn.yaml", overrides))
+    far = trainer.reward
+    score, calls, outage = far.score, [], {}
+
+    def restart() -> None:
+        time.sleep(3.0)  # the client meanwhile retries against a closed port
+        servers.append(Server("shapes", port=port))
+
+    def score_with_an_outage(*args):
+        calls.append(time.monotonic())
+        if len(calls) == 2:  # iteration 2's rollouts: kill the server under the client
+            servers[0].stop(signal.SIGKILL)
+            outage["restart"] = threading.Thread(target=restart)
+            outage["restart"].start()
+            out = score(*args)
+            outage["seconds"] = time.monotonic() - calls[-1]
+            return out
+        return score(*args)
+
+    far.score = score_with_an_outage
+    try:
+        trainer.train()
+        outage["restart"].join(120)
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["iteration"] for r in rows] == [1, 2, 3], rows
+        assert all(r["reward/valid_fraction"] == 1.0 for r in rows)
+        assert outage["seconds"] >= 2.5  # the iteration really waited for the restarted server
+        assert len(calls) == 3
+        assert remote(servers[1].url, "shapes").health()["stats"]["items"] == 2 * 4 * 2  # iterations 2 and 3
+    finally:
+        for srv in servers:
+            srv.stop()
+
+
 def test_rewards_the_server_cannot_serve_faithfully_are_refused():
     from visalign.serve import load_served
 
