@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from visalign.io import atomic_write_json, atomic_write_text
+from visalign.shards import Shard
 
 from .decode import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS
 from .discover import GalleryUsageError, discover, file_key
@@ -64,6 +65,7 @@ def score(
     max_frames: int = DEFAULT_MAX_FRAMES,
     max_thumbnails: int = 2000,
     progress: bool = False,
+    shard: Shard | None = None,
 ) -> ScoreRun:
     """Score every image / video under ``paths`` with ``rewards``; one row per file.
 
@@ -84,6 +86,10 @@ def score(
         max_frames: animated files are subsampled evenly to this many frames.
         max_thumbnails: the report embeds thumbnails for at most this many files.
         progress: show a progress bar (items/s) on stderr.
+        shard (*optional*): this process's share when several processes score one gallery
+            (:func:`visalign.shards.current_shard` under ``accelerate launch``): each scores every
+            N-th file still to do and the first merges the results into ``out`` in input order
+            (needs ``out``).  The report and summary are written by the first process.
 
     Returns:
         A :class:`ScoreRun`; ``run.rows`` holds every file's row.
@@ -102,9 +108,13 @@ def score(
         raise GalleryUsageError("pass either --resume or --overwrite, not both")
     if report is not None and Path(report).suffix.lower() not in (".html", ".htm"):
         raise GalleryUsageError(f"--report {str(report)!r}: the report is an .html file")
+    shard = shard or Shard()
+    if shard.sharded and out is None:
+        raise GalleryUsageError("scoring with several processes needs out=... (where their results are merged)")
     items, skipped, shared_refs = discover(paths, prompt=prompt, prompts_file=prompts, references=references)
-    writer = ResultsWriter(out, resume=resume, overwrite=overwrite) if out is not None else None
-    todo = [it for it in items if writer is None or it.key not in writer.done]
+    writer = ResultsWriter(out, resume=resume, overwrite=overwrite, shard=shard) if out is not None else None
+    pending = [it for it in items if writer is None or it.key not in writer.done]
+    todo = shard.take(pending)
     reward_map = resolve_rewards(rewards)
     if device is not None:
         for r in reward_map.values():
@@ -126,22 +136,30 @@ def score(
     scorer = Scorer(reward_map, todo, device=device, shared_references=shared_refs)
     batches = iter_batches([it.path for it in todo], batch_size=batch_size, workers=workers, max_pixels=max_pixels,
                            max_frames=max_frames, thumbnail=THUMB_SIZE if report is not None else 0)
+    finished = False
     try:
         score_stream(batches, scorer, write, on_progress=bar.update if bar else None, thumbs=thumbs,
                      flush_errors_at=batch_size)
+        finished = True
     finally:
         if bar is not None:
             bar.close()
-        # on Ctrl-C too: the output holds every finished batch (CSV / Parquet rewritten from the journal)
-        all_rows = writer.close() if writer is not None else new_rows
+        if writer is None:
+            all_rows = new_rows
+        elif shard.sharded and not finished:
+            writer.abort()  # the other processes may be gone: no barrier; the part file stays for --resume
+        else:
+            # on Ctrl-C too: the output holds every finished batch (CSV / Parquet rewritten from the journal)
+            all_rows = writer.close(order=[it.key for it in items])
     names = list(reward_map)
     summary = summarize(all_rows, names)
-    if report is not None:
+    if report is not None and shard.main:
         report = Path(report)
         _report_thumbs(all_rows, thumbs, max_thumbnails, workers, max_pixels)
         atomic_write_text(report, build_report(all_rows, names, summary, thumbs))
         atomic_write_json(report.with_name("summary.json"), summary)
-    return ScoreRun(rows=all_rows, new=len(new_rows), skipped_done=len(items) - len(todo), skipped_other=skipped,
+    new = len(all_rows) - len(writer.previous) if shard.sharded else len(new_rows)
+    return ScoreRun(rows=all_rows, new=new, skipped_done=len(items) - len(pending), skipped_other=skipped,
                     summary=summary, rewards=names)
 
 

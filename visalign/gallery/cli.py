@@ -2,6 +2,9 @@
 
 Exit codes: 0 when at least one file was scored, 1 when none was, 2 on usage errors (printed to
 stderr, naming the bad input).
+
+Several processes: ``accelerate launch --num_processes N -m visalign score ...`` splits the files
+(every N-th to each) and merges the results into ``--out`` in input order (:mod:`visalign.shards`).
 """
 
 from __future__ import annotations
@@ -62,19 +65,30 @@ def run(args: argparse.Namespace) -> int:
             columns[name if names.count(name) == 1 else spec] = R.load(spec)
         except Exception as err:  # noqa: BLE001 - reward factories raise various types; all name the input
             return _usage(f"--rewards {spec!r}: {err}")
+    from visalign.shards import current_shard
+
+    shard = current_shard()
+    if shard.sharded and not args.no_progress and not shard.main:
+        args.no_progress = True  # one progress bar: the first process's
     try:
         result = score(
             args.paths, columns,
             out=args.out, report=args.report, prompt=args.prompt, prompts=args.prompts, references=args.references,
             batch_size=args.batch_size, workers=args.workers, device=args.device, resume=args.resume,
             overwrite=args.overwrite, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.no_progress,
+            shard=shard,
         )
     except GalleryUsageError as err:
         return _usage(str(err))
     except KeyboardInterrupt:
-        print(f"visalign score: interrupted; finished batches are in {args.out}; rerun with --resume to continue",
+        print(f"visalign score: interrupted ({shard.describe()}); finished batches are in {args.out}"
+              f"{' and its part files' if shard.sharded else ''}; rerun with --resume to continue",
               file=sys.stderr)
         return 130
+    if not shard.main:
+        return 0
+    if shard.sharded:
+        print(f"{shard.count} processes; every process's results merged into {args.out} in input order")
     print(describe(result))
     print(f"results: {args.out}" + (f"; report: {args.report}" if args.report else ""))
     return 0 if result.summary["scored"] > 0 else 1

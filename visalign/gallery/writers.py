@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
-from visalign.io import JsonlAppender, atomic_write, read_jsonl
+from visalign.io import JsonlAppender, atomic_write, atomic_write_text, read_jsonl
+from visalign.shards import Shard, part_files, part_path
 
 from .discover import GalleryUsageError, file_key
 from .scoring import HEAD_COLUMNS
@@ -122,36 +124,51 @@ class ResultsWriter:
         out (`str` or `Path`): ``results.jsonl``, ``.csv`` or ``.parquet``.
         resume (`bool`): keep the rows already there and report their files in ``done``.
         overwrite (`bool`): start afresh even if ``out`` exists.
+        shard (:class:`~visalign.shards.Shard`, *optional*): this process's share when several
+            processes score one gallery: each appends to its own part file and the first merges
+            the parts into ``out`` in :meth:`close`.  Part files left by a crashed run are read by
+            ``resume`` (with any number of processes).
     """
 
-    def __init__(self, out: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    def __init__(self, out: str | Path, resume: bool = False, overwrite: bool = False,
+                 shard: Shard | None = None) -> None:
         self.out = Path(out)
+        self.shard = shard = shard or Shard()
         self.format = self.out.suffix.lower()
         if self.format not in FORMATS:
             raise GalleryUsageError(f"--out {str(out)!r}: the file must end in {', '.join(FORMATS)}")
         if self.format == ".parquet":
             _need_pyarrow()
         self.journal = self.out.with_name(f".{self.out.name}.partial.jsonl")
-        exists = self.out.exists() or self.journal.exists()
+        parts = part_files(self.out)
+        exists = self.out.exists() or self.journal.exists() or bool(parts)
         if exists and not (resume or overwrite):
             raise GalleryUsageError(
-                f"--out {str(out)!r} already exists: pass --resume to continue it, or --overwrite to replace it"
+                f"--out {str(out)!r} already exists"
+                + (f" (with {len(parts)} part files of an unfinished run of several processes)" if parts else "")
+                + ": pass --resume to continue it, or --overwrite to replace it"
             )
-        if overwrite and not resume:
-            for p in (self.out, self.journal):
+        shard.barrier()  # every process has looked before any writes or deletes
+        if overwrite and not resume and shard.main:
+            for p in (self.out, self.journal, *parts):
                 if p.exists():
                     p.unlink()
+        shard.barrier()
         self.previous: list[dict] = []
+        self._parts_read = part_files(self.out)
         if resume:
-            if self.format == ".jsonl":
+            if self.format == ".jsonl" and shard.main:
                 _repair_jsonl(self.out)
-            _repair_jsonl(self.journal)
             rows = {file_key(str(r["path"])): r for r in read_results(self.out) if "path" in r}
-            rows.update({file_key(str(r["path"])): r for r in read_jsonl(self.journal) if "path" in r})
+            for extra in (self.journal, *self._parts_read):  # a killed writer's half line is skipped
+                rows.update({file_key(str(r["path"])): r for r in read_jsonl(extra) if "path" in r})
             self.previous = list(rows.values())
         self.done = {file_key(str(r["path"])) for r in self.previous}
         self.new: list[dict] = []
-        self._appender = JsonlAppender(self.out if self.format == ".jsonl" else self.journal)
+        shard.barrier()  # every process has read the same done set before any part file grows
+        path = part_path(self.out, shard) if shard.sharded else self.out if self.format == ".jsonl" else self.journal
+        _repair_jsonl(path)  # appends start on a fresh line after a killed writer's half line
+        self._appender = JsonlAppender(path)
 
     def write(self, rows: list[dict]) -> None:
         """Append one batch of rows (flushed and fsynced before returning)."""
@@ -159,17 +176,47 @@ class ResultsWriter:
             self._appender.write(rows)
             self.new.extend(rows)
 
-    def close(self) -> list[dict]:
-        """Finish the output file and return all its rows (previous runs' and this run's)."""
+    def abort(self) -> None:
+        """Close without merging (a process of a sharded run that stops early): the part file
+        stays for ``resume``."""
         self._appender.close()
+
+    def close(self, order: list[str] | None = None) -> list[dict]:
+        """Finish the output file and return all its rows (previous runs' and this run's).
+
+        ``order``: file keys in input order; when the output is rebuilt from part files (several
+        processes, or a single process resuming them), rows follow it (files not in it last).
+        """
+        self._appender.close()
+        sharded = self.shard.sharded
+        if sharded:
+            self.shard.barrier()  # every process has finished its part
+        if not sharded or self.shard.main:
+            rows = self._merge(order)
+        if sharded:
+            self.shard.barrier()  # the output is complete
+            if not self.shard.main:
+                rows = read_results(self.out)
+        return rows
+
+    def _merge(self, order: list[str] | None) -> list[dict]:
         # The files are the truth: a Ctrl-C between the append and the bookkeeping must not lose a batch.
         merged = {file_key(str(r["path"])): r for r in self.previous}
-        merged.update({file_key(str(r["path"])): r for r in read_jsonl(self._appender.path) if "path" in r})
+        parts = part_files(self.out)
+        for src in (parts if self.shard.sharded else [self._appender.path]):
+            merged.update({file_key(str(r["path"])): r for r in read_jsonl(src) if "path" in r})
+        rebuilt = self.shard.sharded or bool(self._parts_read)
+        if rebuilt and order is not None:
+            rank = {k: i for i, k in enumerate(order)}
+            merged = dict(sorted(merged.items(), key=lambda kv: rank.get(kv[0], len(rank))))
         rows = list(merged.values())
         if self.format == ".csv":
             _write_csv(self.out, rows)
         elif self.format == ".parquet":
             _write_parquet(self.out, rows)
-        if self.format != ".jsonl" and self.journal.exists():
-            os.unlink(self.journal)
+        elif rebuilt:
+            atomic_write_text(self.out, "".join(json.dumps(r) + "\n" for r in rows))
+        for p in {*parts, *self._parts_read, *([self.journal] if self.format != ".jsonl" else [])}:
+            if p.exists():
+                os.unlink(p)
         return rows
