@@ -3,11 +3,17 @@
 Writes to ``--out``: ``images/`` (the steered images), ``grids/`` (a PNG per image: particles over
 time, the chosen one framed in red), ``manifest.jsonl`` (one row per image: its reward, the method
 and its settings, its compute and the particle lineage, appended per batch) and ``config.yaml``.
+``--resume`` skips the images a killed run's manifest holds.
+
+Several processes: ``accelerate launch --num_processes N -m visalign steer ...`` gives each process
+every N-th batch of prompts (the seeds do not depend on the split, so the images equal one
+process's) and merges the manifests into one, in job order (:mod:`visalign.shards`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from visalign.errors import UsageError
@@ -50,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", help="cpu (default), cuda, cuda:1 ...")
     p.add_argument("--no-grid", action="store_true", help="do not write the particle grids")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out: skip the images its manifest holds")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out (its manifest is started afresh)")
     p.add_argument("--toy-eval", action="store_true",
                    help="toy world: judge instead of writing images: the base, the base + --lora and the recipe "
                         "steering it, on visalign toy eval's 243 evaluation prompts, by the gold verifier")
@@ -97,7 +105,9 @@ def run(args) -> int:
         print(f"visalign steer: error: {err}", file=sys.stderr)
         return 2
     try:
-        return _toy_eval(cfg, args) if getattr(args, "toy_eval", False) else _steer(cfg)
+        if getattr(args, "toy_eval", False):
+            return _toy_eval(cfg, args)
+        return _steer(cfg, resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False))
     except UsageError as err:
         print(f"visalign steer: error: {err}", file=sys.stderr)
         return 2
@@ -117,9 +127,12 @@ def _toy_eval(cfg, args) -> int:
 
     from visalign.io import atomic_write_json
     from visalign.samplers import ModelNotFoundError
+    from visalign.shards import current_shard
     from visalign.threads import configure_threads
     from visalign.toy.steer_eval import compare, format_compare  # the toy world's judge of a recipe
 
+    if current_shard().sharded:
+        raise UsageError("--toy-eval runs in one process; launch it without accelerate launch --num_processes")
     if args.toy_eval_samples < 1 or (args.toy_eval_prompts is not None and args.toy_eval_prompts < 1):
         raise UsageError("--toy-eval-samples and --toy-eval-prompts must be >= 1")
     _check_lora(cfg)
@@ -139,16 +152,44 @@ def _toy_eval(cfg, args) -> int:
     return 0
 
 
-def _steer(cfg) -> int:
+def _previous_rows(manifest, resume: bool, overwrite: bool, shard) -> dict[int, dict]:
+    """``{job: row}`` of an earlier run in the same folder (``--resume``); refuses to mix runs."""
+    from visalign.io import read_jsonl
+    from visalign.shards import part_files
+
+    parts = part_files(manifest)
+    if resume and overwrite:
+        raise UsageError("pass either --resume or --overwrite, not both")
+    if (manifest.exists() or parts) and not (resume or overwrite):
+        raise UsageError(f"{manifest.parent} already holds a steering run ({manifest.name}"
+                         + (f" and {len(parts)} part files of an unfinished run of several processes" if parts else "")
+                         + "): pass --resume to continue it, --overwrite to replace it, or --out to write elsewhere")
+    shard.barrier()  # every process has looked before any deletes
+    if overwrite and shard.main:
+        for p in (manifest, *parts):
+            if p.exists():
+                p.unlink()
+    shard.barrier()
+    rows: dict[int, dict] = {}
+    if resume:
+        for src in (manifest, *parts):
+            if src.exists():  # a killed writer's half line is skipped
+                rows.update({int(r["job"]): r for r in read_jsonl(src) if "job" in r})
+    shard.barrier()  # every process has read the same rows before any part file grows
+    return rows
+
+
+def _steer(cfg, *, resume: bool = False, overwrite: bool = False) -> int:
     import time
     from pathlib import Path
 
     from tqdm.auto import tqdm
 
     from visalign.config import save_config
-    from visalign.io import JsonlAppender
+    from visalign.io import JsonlAppender, atomic_write_text, read_jsonl
     from visalign.prompts import load_prompts
     from visalign.samplers import ModelNotFoundError, load
+    from visalign.shards import current_shard, part_files, part_path
     from visalign.threads import configure_threads
 
     from .config import steer
@@ -165,6 +206,10 @@ def _steer(cfg) -> int:
     except ValueError as err:
         raise UsageError(f"--threads: {err}") from None
     _check_lora(cfg)
+    shard = current_shard()
+    out = Path(cfg.run.out)
+    manifest_path = out / "manifest.jsonl"
+    previous = _previous_rows(manifest_path, resume, overwrite, shard)
     try:
         sampler = load(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, **cfg.model.options)
     except ModelNotFoundError as err:
@@ -184,32 +229,51 @@ def _steer(cfg) -> int:
     if hasattr(reward, "to") and cfg.model.device:
         reward.to(cfg.model.device)
 
-    out = Path(cfg.run.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if shard.main:
+        save_config(cfg, out / "config.yaml")
     m = cfg.run.images_per_prompt
     jobs = [(j * m + i, r) for j, r in enumerate(records) for i in range(m)]
     batch = cfg.run.prompts_per_batch
+    # a batch's seeds follow its first job, so any split of the batches gives the same images
+    batches = [jobs[c:c + batch] for c in range(0, len(jobs), batch)]
+    todo = [part for part in batches if not all(job in previous for job, _ in part)]
+    mine = shard.take(todo)
     k = cfg.particles
     grid = cfg.run.grid
-    scores = []
+    rebuild = shard.sharded or resume
+    writing = part_path(manifest_path, shard) if shard.sharded else manifest_path
     started = time.perf_counter()
-    with JsonlAppender(out / "manifest.jsonl") as manifest, tqdm(total=len(jobs), desc=f"steer ({cfg.method})",
-                                                                 unit="img") as bar:
-        for c in range(0, len(jobs), batch):
-            part = jobs[c:c + batch]
+    with JsonlAppender(writing) as manifest, tqdm(total=sum(map(len, mine)), desc=f"steer ({cfg.method})", unit="img",
+                                                  disable=not shard.main) as bar:
+        for part in mine:
             res = steer(sampler, [r["prompt"] for _, r in part], reward, cfg,
                         metadata=[r["metadata"] for _, r in part], guidance_reward=g_reward,
                         seed=cfg.seed + part[0][0] * k, keep_history=grid, keep_particles=cfg.run.save_particles)
             rows = [_write_item(out, job, item, res, sampler, cfg) for (job, _), item in zip(part, res.items)]
             manifest.write(rows)
-            scores += [r["reward"] for r in rows]
             bar.update(len(part))
+    shard.barrier()  # every process has written its images and manifest rows
+    if rebuild and shard.main:  # one manifest, each job once, in job order
+        merged = dict(previous)
+        for src in (part_files(manifest_path) if shard.sharded else [manifest_path]):
+            merged.update({int(r["job"]): r for r in read_jsonl(src) if "job" in r})
+        atomic_write_text(manifest_path, "".join(json.dumps(merged[j]) + "\n" for j in sorted(merged)))
+        for p in part_files(manifest_path):
+            p.unlink()
+    shard.barrier()
+    if not shard.main:
+        return 0
+    rows = read_jsonl(manifest_path) if manifest_path.exists() else []
+    scores = [r["reward"] for r in rows if r.get("reward") is not None]
     finite = [s for s in scores if s == s]
     mean = sum(finite) / len(finite) if finite else float("nan")
-    print(f"visalign steer: {len(scores)} images by {cfg.method} (k = {k}) in {time.perf_counter() - started:.1f} s; "
-          f"mean {cfg.reward} {mean:.4f}; images, grids and manifest.jsonl in {out}")
-    return 0 if scores else 1
+    done = sum(map(len, todo))
+    print(f"visalign steer: {done} images by {cfg.method} (k = {k}) in {time.perf_counter() - started:.1f} s"
+          + (f" ({shard.count} processes)" if shard.sharded else "")
+          + (f", {len(jobs) - done} already done (--resume)" if resume else "")
+          + f"; mean {cfg.reward} over {len(rows)} images {mean:.4f}; images, grids and manifest.jsonl in {out}")
+    return 0 if rows else 1
 
 
 def _write_item(out, job: int, item, res, sampler, cfg) -> dict:
