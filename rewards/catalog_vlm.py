@@ -40,3 +40,11 @@ register(
                description="HPSv3 (Ma et al. 2025): Qwen2-VL-7B + rm_head read at <|Reward|>; score mu, components sigma"),
     "hpsv3:hpsv3",
 )
+register(
+    RewardInfo(name="videoreward", version="1", licence="MIT AND Apache-2.0", modality="video",
+               inputs=("images", "prompts"), native_range=(-6.0, 6.0), differentiable=True,
+               weights="KlingTeam/VideoReward (checkpoint-11352/model.pth, LoRA) + Qwen/Qwen2-VL-2B-Instruct config",
+               description="VideoReward / VideoAlign (Liu et al. 2025): VQ + MQ + TA at special tokens, normalised"),
+    "videoreward:videoreward",
+)
+
