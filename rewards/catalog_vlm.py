@@ -41,10 +41,23 @@ register(
     "hpsv3:hpsv3",
 )
 register(
+    RewardInfo(name="unifiedreward", version="qwen-7b", licence="MIT AND Apache-2.0", modality="image",
+               inputs=("images", "prompts"), native_range=(1.0, 5.0), differentiable=False,
+               weights="CodeGoat24/UnifiedReward-qwen-7b",
+               description="UnifiedReward (Wang et al. 2025) point-wise 'Final Score' 1-5: expected over digits, or parsed"),
+    "unifiedreward:unifiedreward",
+)
+register(
+    RewardInfo(name="unifiedreward-pair", version="qwen-7b", licence="MIT AND Apache-2.0", modality="image",
+               inputs=("images", "prompts", "references"), native_range=(0.0, 1.0), differentiable=False,
+               weights="CodeGoat24/UnifiedReward-qwen-7b",
+               description="UnifiedReward pair-wise: P(sample preferred over its reference); compare() labels DPO pairs"),
+    "unifiedreward:unifiedreward_pair",
+)
+register(
     RewardInfo(name="videoreward", version="1", licence="MIT AND Apache-2.0", modality="video",
                inputs=("images", "prompts"), native_range=(-6.0, 6.0), differentiable=True,
                weights="KlingTeam/VideoReward (checkpoint-11352/model.pth, LoRA) + Qwen/Qwen2-VL-2B-Instruct config",
                description="VideoReward / VideoAlign (Liu et al. 2025): VQ + MQ + TA at special tokens, normalised"),
     "videoreward:videoreward",
 )
-
