@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from .loading import hub_download, is_offline
+from .loading import hub_download
 
-__all__ = ["CheckpointMismatchError", "resolve_file", "read_tensors", "check_keys", "qwen2vl_key",
+__all__ = ["CheckpointMismatchError", "resolve_file", "resolve_folder", "read_tensors", "check_keys", "qwen2vl_key",
            "rename_state_dict", "merge_lora", "build_empty", "load_strict_assign"]
 
 
@@ -199,7 +199,3 @@ def load_strict_assign(model: torch.nn.Module, state: Mapping[str, torch.Tensor]
     meta = [name for name, p in model.named_parameters() if p.is_meta]
     if meta:  # cannot happen after a strict load; kept so a partial model never runs
         raise CheckpointMismatchError(f"{what}: parameters left unloaded: {_show(meta)}")
-
-
-def offline_hint() -> str:
-    return " (HF_HUB_OFFLINE=1: only cached files are used)" if is_offline() else ""

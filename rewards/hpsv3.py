@@ -121,8 +121,6 @@ def load_hpsv3_model(checkpoint: str | Path, base: str | Path, *, filename: str 
     path = resolve_file(checkpoint, filename, what)
     base = resolve_folder(base, f"{what} base model", ("config.json", "preprocessor_config.json"))
     state = read_tensors(path, what)
-    if set(state) == {"model"}:  # never written so by the release, accepted by the official loader
-        raise CheckpointMismatchError(f"{what}: {str(path)!r} nests its state dict under 'model'; save the inner dict")
     config = AutoConfig.from_pretrained(base)
     if config.model_type != "qwen2_vl":
         raise ValueError(f"{what}: base model {base!r} is a {config.model_type!r}; HPSv3 is built on Qwen2-VL "
@@ -208,10 +206,6 @@ class HPSv3(Reward):
                          for s in range(0, images.shape[0], step)])
         mu, log_sigma = raw[:, 0], raw[:, 1]
         return RewardOutput(scores=mu, components={"mu": mu, "sigma": log_sigma.exp()})
-
-    def to(self, device: torch.device | str) -> "HPSv3":
-        self.model.to(device)
-        return self
 
 
 def hpsv3(checkpoint: str = CHECKPOINT, *, base: str = BASE_MODEL, filename: str = FILENAME, dtype: Any = None,

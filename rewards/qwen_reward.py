@@ -26,7 +26,7 @@ from torch import nn
 
 from .vlm_backend import _interp_mode, _smart_resize, qwen2vl_pixels
 
-__all__ = ["QwenRewardModel", "sequential_positions", "qwen2vl_video_pixels", "bounded_image_processor",
+__all__ = ["QwenRewardModel", "sequential_positions", "qwen2vl_video_pixels", "image_pixels", "bounded_image_processor",
            "encode_chats", "pool_at_tokens"]
 
 
@@ -126,14 +126,14 @@ def image_pixels(images: torch.Tensor, image_processor: Any, min_pixels: int,
 
 
 def encode_chats(processor: Any, texts: Sequence[str], *, image_size: tuple[int, int] | None = None,
-                 images_per_text: int = 1, video_shape: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
+                 video_shape: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
     """Token ids and attention mask of chat texts whose images (or videos) have already been resized
     to ``image_size`` (``video_shape`` = frames, height, width): the processor expands the image /
     video tokens from placeholder inputs of that size, with its own resizing turned off."""
     kwargs: dict[str, Any] = {}
     n = len(texts)
     if image_size is not None:
-        kwargs["images"] = [torch.zeros(3, *image_size, dtype=torch.uint8)] * (n * images_per_text)
+        kwargs["images"] = [torch.zeros(3, *image_size, dtype=torch.uint8)] * n
         kwargs["images_kwargs"] = {"do_resize": False}
     if video_shape is not None:
         frames, h, w = video_shape

@@ -163,7 +163,7 @@ def _read_config(folder_or_file: Path) -> dict:
     for section in ("data_config", "model_config", "peft_lora_config"):
         if not isinstance(cfg.get(section), dict):
             raise ValueError(f"VideoReward: {str(path)!r} has no {section!r} section; pass the release's model_config.json")
-    data, model, peft = cfg["data_config"], cfg["model_config"], cfg["peft_lora_config"]
+    peft = cfg["peft_lora_config"]
     expected = {("data_config", "prompt_template_type"): "detailed_special", ("data_config", "sample_type"): "uniform",
                 ("data_config", "eval_dim"): list(DIMENSIONS), ("model_config", "reward_token"): "special",
                 ("model_config", "output_dim"): 1, ("model_config", "use_special_tokens"): True}
@@ -174,7 +174,6 @@ def _read_config(folder_or_file: Path) -> dict:
                              f"configuration ({key}={want!r})")
     if peft.get("lora_enable") and (peft.get("vision_lora") or peft.get("use_rslora")):
         raise ValueError(f"VideoReward: {str(path)!r} asks for vision LoRA or rsLoRA; the release uses neither")
-    del data, model
     return cfg
 
 
@@ -338,10 +337,6 @@ class VideoReward(Reward):
         components.update({f"raw_{dim}": raw[:, i] for i, dim in enumerate(DIMENSIONS)})
         overall = components["VQ"] + components["MQ"] + components["TA"]
         return RewardOutput(scores=overall, components=components)
-
-    def to(self, device: torch.device | str) -> "VideoReward":
-        self.model.to(device)
-        return self
 
 
 def videoreward(checkpoint: str = CHECKPOINT, *, base: str | None = None, filename: str | None = None,
