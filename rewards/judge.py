@@ -15,7 +15,8 @@ Three kinds (docs/reward_refresh.md, "Judges"):
   samples; with ``threshold`` the label is ``value >= threshold`` (binary), else the value itself.
   A pair is labelled by comparing the two values (each as a single image would be labelled): 1
   when the first is higher, 0 when lower; equal values (within ``1e-9``) give no label and cost
-  nothing, as Diffusion-DPO (Wallace et al. 2023) drops tied pairs;
+  nothing, as Diffusion-DPO (Wallace et al. 2023) drops tied pairs.  A pair-wise reward (one with a
+  ``compare`` method, e.g. ``unifiedreward-pair``) labels pairs itself: P(first preferred);
 - **a Python function** (``function="my_module:my_labeller"``) called as
   ``fn(images, prompts, metadata)`` for single images, and as
   ``fn(images_a, images_b, prompts, metadata)`` for pairs (a pairwise head), returning a sequence of
@@ -194,8 +195,14 @@ class RewardJudge(Judge):
         return self._values(out)
 
     def label_pairs(self, images_a, images_b, prompts, metadata):
-        """Both images valued as single images are labelled (one reward call); 1 where ``a`` is
-        higher, 0 where lower, NaN for a tie (within 1e-9) or an invalid sample."""
+        """A pair-wise reward (one with ``compare(images_a, images_b, prompts)``, such as
+        ``unifiedreward-pair``) labels the pairs itself.  Otherwise both images valued as single
+        images are labelled (one reward call); 1 where ``a`` is higher, 0 where lower, NaN for a tie
+        (within 1e-9) or an invalid sample."""
+        if callable(getattr(self.reward, "compare", None)):
+            with torch.no_grad():
+                labels = self.reward.compare(images_a, images_b, prompts)
+            return torch.as_tensor(labels, dtype=torch.float32).detach().cpu()
         n = images_a.shape[0]
         both = self.label(torch.cat([images_a, images_b]), prompts + prompts, metadata + metadata)
         a, b = both[:n], both[n:]

@@ -268,7 +268,7 @@ _CACHE: "weakref.WeakValueDictionary[tuple, VLMBackend]" = weakref.WeakValueDict
 
 def load_backend(model: str, *, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
                  trust_remote_code: bool = False, min_pixels: int | None = None,
-                 max_pixels: int | None = None) -> VLMBackend:
+                 max_pixels: int | None = None, strict: bool = False) -> VLMBackend:
     """Load a chat VLM (hub id or local path) once; rewards on the same model share the copy.
 
     Args:
@@ -280,6 +280,9 @@ def load_backend(model: str, *, dtype: str | torch.dtype | None = None, device: 
         trust_remote_code (`bool`, *optional*, defaults to `False`): only if you trust the repository.
         min_pixels, max_pixels (`int`, *optional*): Qwen2-VL resize bounds (fewer pixels = fewer
             image tokens = faster); default to the processor's.
+        strict (`bool`, *optional*, defaults to `False`): refuse a checkpoint whose weights miss
+            model keys, carry unexpected ones or mismatch in shape (transformers otherwise warns and
+            initialises the missing weights at random).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -287,20 +290,28 @@ def load_backend(model: str, *, dtype: str | torch.dtype | None = None, device: 
         if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
             raise ValueError(f"dtype={dtype!r} is not a torch dtype; use 'bfloat16', 'float16' or 'float32'")
         dtype = getattr(torch, dtype)
-    key = (str(model), dtype, str(device), trust_remote_code, min_pixels, max_pixels)
+    key = (str(model), dtype, str(device), trust_remote_code, min_pixels, max_pixels, strict)
     cached = _CACHE.get(key)
     if cached is not None:
         return cached
     try:
         proc_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code, **proc_kwargs)
-        net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype or "auto",
-                                                          trust_remote_code=trust_remote_code)
+        net, loading = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype or "auto",
+                                                                   trust_remote_code=trust_remote_code,
+                                                                   output_loading_info=True)
     except OSError as err:
         raise OSError(
             f"could not load the VLM {model!r}: {err}. Pass a hub id you can download (or have cached; "
             "unset HF_HUB_OFFLINE) or a local folder with the model, processor and chat template."
         ) from err
+    if strict:
+        problems = {k: sorted(map(str, loading.get(k) or ())) for k in ("missing_keys", "unexpected_keys",
+                                                                         "mismatched_keys", "error_msgs")}
+        if any(problems.values()):
+            shown = "; ".join(f"{k.replace('_', ' ')}: {v[:8]}" for k, v in problems.items() if v)
+            raise ValueError(f"the weights of {model!r} do not match {type(net).__name__}: {shown}. Pass the official "
+                             "checkpoint (strict loading: nothing is initialised at random)")
     if len(processor.tokenizer) < 10:
         raise ValueError(f"tokenizer of {model!r} has only {len(processor.tokenizer)} tokens: a broken offline load; "
                          "download the model first")

@@ -9,6 +9,7 @@ the folder like any checkpoint.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -37,12 +38,14 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(specials: list[str], pad: str, eos: str, bos: str | None = None):
-    """A word-level fast tokenizer from an in-memory vocabulary (no files, no network)."""
+def tiny_tokenizer(specials: list[str], pad: str, eos: str, bos: str | None = None, words: Sequence[str] = ()):
+    """A word-level fast tokenizer from an in-memory vocabulary (no files, no network); ``words``
+    are appended to the built-in vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(specials + WORDS + ["[UNK]"])}
+    extra = [w for w in dict.fromkeys(words) if w not in WORDS and w not in specials]
+    vocab = {w: i for i, w in enumerate(specials + WORDS + extra + ["[UNK]"])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=pad, eos_token=eos, bos_token=bos,
@@ -50,9 +53,10 @@ def tiny_tokenizer(specials: list[str], pad: str, eos: str, bos: str | None = No
 
 
 def tiny_qwen2vl(folder: str | Path, *, patch_size: int = 4, merge_size: int = 2, seed: int = 0,
-                 version: str = "2") -> Path:
+                 version: str = "2", words: Sequence[str] = (), chat_template: str | None = None) -> Path:
     """Save a tiny random Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``: windowed vision
-    attention) chat model with its processor to ``folder``; returns the folder."""
+    attention) chat model with its processor to ``folder``; returns the folder.  ``words`` extend
+    the tokenizer's vocabulary; ``chat_template`` replaces the minimal one."""
     import transformers
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
@@ -64,13 +68,14 @@ def tiny_qwen2vl(folder: str | Path, *, patch_size: int = 4, merge_size: int = 2
     processor_cls = getattr(transformers, f"{prefix}Processor")
 
     folder = Path(folder)
-    tok = tiny_tokenizer(QWEN_SPECIALS, pad="<|endoftext|>", eos="<|im_end|>")
+    tok = tiny_tokenizer(QWEN_SPECIALS, pad="<|endoftext|>", eos="<|im_end|>", words=words)
     ids = tok.convert_tokens_to_ids
     factor = patch_size * merge_size
     ip = Qwen2VLImageProcessor(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
                                min_pixels=(2 * factor) ** 2, max_pixels=(4 * factor) ** 2)
     vp = Qwen2VLVideoProcessor(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2)
-    processor = processor_cls(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN_CHAT_TEMPLATE)
+    processor = processor_cls(image_processor=ip, tokenizer=tok, video_processor=vp,
+                              chat_template=chat_template or QWEN_CHAT_TEMPLATE)
     if version == "2":
         vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2)
     else:  # block 0 full attention, block 1 windowed over 2x2 merged units
