@@ -386,7 +386,7 @@ class VLMAPIReward(Reward):
               metadata: Sequence[dict] | None) -> RewardOutput:
         if images.ndim == 5:
             raise ValueError(f"reward {self.info.name!r} scores images; got video {tuple(images.shape)}: pass frames "
-                             "(e.g. video_frames:reward=vlm-api,...)")
+                             "(video_frames:reward=vlm-api,url=...,model=...,frames=8)")
         arrays = to_uint8(images)
         jobs = list(zip(arrays, prompts))
         if self.concurrency > 1 and len(jobs) > 1:

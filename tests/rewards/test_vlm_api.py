@@ -261,8 +261,12 @@ def test_concurrent_requests_keep_the_input_order(api, backend):
     assert torch.equal(together.scores, one_by_one.scores) and together.extras["text"] == one_by_one.extras["text"]
     torch.testing.assert_close(together.scores, vqascore(backend, variant="p_yes_norm")(x, PROMPTS[:6]).scores,
                                atol=1e-4, rtol=0)
+    video = torch.stack([x, x.flip(-1)], dim=1)  # (6, 2, 3, H, W)
     with pytest.raises(ValueError, match="scores images"):
-        reward(torch.stack([x, x], dim=1), PROMPTS[:6])
+        reward(video, PROMPTS[:6])
+    frames = R.load(f"video_frames:reward=vlm-api,url={api},model={MODEL},frames=2")(video[:2], PROMPTS[:2])
+    want = vqascore(backend, variant="p_yes_norm")(video[:2].flatten(0, 1), [p for p in PROMPTS[:2] for _ in "ab"])
+    torch.testing.assert_close(frames.scores, want.scores.view(2, 2).mean(1), atol=1e-4, rtol=0)
 
 
 # ---- visalign score ----------------------------------------------------------------------------------
