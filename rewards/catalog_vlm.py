@@ -18,6 +18,15 @@ register(
                description="ImageReward (Xu et al. 2023): BLIP ViT-L + BERT cross-attention + MLP, human preference"),
     "imagereward:imagereward",
 )
+# Any VLM behind an OpenAI-compatible chat server (vLLM, SGLang, transformers serve): its licence is the served model's.
+register(
+    RewardInfo(name="vlm-api", version="1", licence="as served", modality="image", inputs=("images", "prompts"),
+               native_range=(0.0, 1.0), differentiable=False, weights="the model of an OpenAI-compatible chat server",
+               description="VQAScore or the 1-5 rubric asked over an OpenAI-compatible chat API "
+                           "(vlm-api:url=http://host:8000/v1,model=NAME): log-probabilities of the answer, else its "
+                           "text; not differentiable"),
+    "vlm_api:vlm_api",
+)
 register(
     RewardInfo(name="vlm-judge", version="1", licence="Apache-2.0", modality="image", inputs=("images", "prompts"),
                native_range=(1.0, 5.0), differentiable=True, weights="Qwen/Qwen2.5-VL-7B-Instruct",
