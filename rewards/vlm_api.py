@@ -12,6 +12,10 @@ questions of the in-process VLM judges, one chat request per image with the imag
 - ``mode=rubric``: the 1-5 rubric of ``vlm-judge``; with log-probabilities the score is the
   expected rating over the digit tokens ``1``..``5`` of the first answer token, normalised over
   the digits the server lists.
+- ``mode=unifiedreward``: UnifiedReward's point-wise question (Wang et al. 2025, "Unified Reward
+  Model for Multimodal Understanding and Generation"; serve ``CodeGoat24/UnifiedReward-qwen-7b``):
+  the reply's ``Final Score:`` from 1 to 5; with log-probabilities, the expected score over the
+  digits at that position (as the in-process ``unifiedreward`` reads it).
 
 Servers that return no log-probabilities (``transformers serve``) are read from the answer's text
 instead: ``yes`` -> 1, ``no`` -> 0, or the first standalone digit 1-5 for the rubric.  An answer
@@ -40,6 +44,7 @@ import numpy as np
 import torch
 
 from .base import Reward, RewardInfo, RewardOutput
+from .unifiedreward import POINT_PROMPT, parse_unifiedreward_point, point_from_openai_logprobs
 from .vlm import RUBRIC, VQA_QUESTION, parse_rating
 from .wire import encode_png, to_uint8
 
@@ -47,7 +52,7 @@ __all__ = ["VLMAPIReward", "VLMAPIError", "vlm_api", "KEY_ENV", "read_yes_no", "
 
 #: where the API key is read from unless ``api_key_env=`` names another variable
 KEY_ENV = "VISALIGN_VLM_API_KEY"
-MODES = ("vqa", "rubric")
+MODES = ("vqa", "rubric", "unifiedreward")
 VARIANTS = ("p_yes_norm", "p_yes", "log_odds")
 IMAGE_FORMATS = ("png", "jpeg")
 LOG_ODDS_CAP = 20.0  # a text answer's log-odds: the ends of the reading's range
@@ -196,16 +201,16 @@ class VLMAPIReward(Reward):
         if mode not in MODES:
             raise ValueError(f"vlm-api: mode={mode!r}; choose one of {', '.join(MODES)}")
         if variant is not None and mode != "vqa":
-            raise ValueError("vlm-api: variant= applies to mode=vqa only; mode=rubric scores the 1-5 rating")
+            raise ValueError("vlm-api: variant= applies to mode=vqa only; the other modes score a 1-5 rating")
         variant = variant or "p_yes_norm"
         if variant not in VARIANTS:
             raise ValueError(f"vlm-api: variant={variant!r}; choose one of {', '.join(VARIANTS)}")
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"vlm-api: image_format={image_format!r}; choose one of {', '.join(IMAGE_FORMATS)}")
-        question = question or (VQA_QUESTION if mode == "vqa" else RUBRIC)
+        question = question or {"vqa": VQA_QUESTION, "rubric": RUBRIC, "unifiedreward": POINT_PROMPT}[mode]
         if "{prompt}" not in question:
             raise ValueError(f"vlm-api: question={question!r} must contain '{{prompt}}'")
-        max_tokens = max_tokens if max_tokens is not None else (1 if mode == "vqa" else 16)
+        max_tokens = max_tokens if max_tokens is not None else {"vqa": 1, "rubric": 16, "unifiedreward": 512}[mode]
         for key, value, low in (("timeout", timeout, 0), ("retries", retries, -1), ("backoff", backoff, -1),
                                 ("concurrency", concurrency, 0), ("max_tokens", max_tokens, 0),
                                 ("top_logprobs", top_logprobs, 0)):
@@ -224,8 +229,10 @@ class VLMAPIReward(Reward):
         self.image_format, self.logprobs = image_format, bool(logprobs)
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
-        low, high = (1.0, 5.0) if mode == "rubric" else (-LOG_ODDS_CAP, LOG_ODDS_CAP) if variant == "log_odds" else (0.0, 1.0)
-        what = "1-5 rubric rating" if mode == "rubric" else f"VQAScore {variant}"
+        low, high = ((1.0, 5.0) if mode != "vqa" else (-LOG_ODDS_CAP, LOG_ODDS_CAP) if variant == "log_odds"
+                     else (0.0, 1.0))
+        what = {"vqa": f"VQAScore {variant}", "rubric": "1-5 rubric rating",
+                "unifiedreward": "UnifiedReward point-wise Final Score (1-5)"}[mode]
         self.info = RewardInfo(name="vlm-api", version="1", licence="NOASSERTION", modality="image",
                                inputs=("images", "prompts"), native_range=(low, high), differentiable=False,
                                weights=f"{self.model} served at {self.url}",
@@ -339,7 +346,7 @@ class VLMAPIReward(Reward):
 
     def _ask(self, image: np.ndarray, prompt: str) -> dict:
         """One chat request; the answer's message, the first token's ``top_logprobs`` (or ``None``)."""
-        body = self._body(_data_url(image, self.image_format), self.question.format(prompt=prompt))
+        body = self._body(_data_url(image, self.image_format), self.question.replace("{prompt}", prompt))
         status, data = self._send("POST", "/chat/completions", json.dumps(body).encode())
         if status != 200 and self.logprobs and status in (400, 422) and "logprob" in _server_message(data).lower():
             self.logprobs = False  # the server does not do log-probabilities: read its text from now on
@@ -359,13 +366,22 @@ class VLMAPIReward(Reward):
         if tokens and isinstance(tokens[0], dict):
             first = tokens[0]
             top = [*(first.get("top_logprobs") or []), {"token": first.get("token"), "logprob": first.get("logprob")}]
-        return {"text": content if isinstance(content, str) else "", "top": top}
+        return {"text": content if isinstance(content, str) else "", "top": top,
+                "tokens": [t for t in tokens if isinstance(t, dict)] if tokens else None}
 
     def _judge(self, answer: dict) -> tuple[dict[str, float] | None, str, str]:
         """``(readings or None, source, reason)`` of one answer."""
         if "error" in answer:
             return None, "", answer["error"]
         text, top = answer["text"], answer["top"]
+        if self.mode == "unifiedreward":
+            expected = point_from_openai_logprobs(answer.get("tokens"))
+            if expected is not None:
+                return {"rating": expected, "rating_mass": math.nan}, "logprobs", ""
+            value = parse_unifiedreward_point(text)
+            if value is not None:
+                return {"rating": value, "rating_mass": math.nan}, "text", ""
+            return None, "text", f"the answer {text[-80:]!r} has no 'Final Score:' from 1 to 5"
         read = read_yes_no if self.mode == "vqa" else read_rating
         if top:
             values = read(top)
@@ -430,7 +446,7 @@ def vlm_api(url: str, model: str | None = None, mode: str = "vqa", variant: str 
             question: str | None = None, api_key_env: str | None = None, timeout: float = 120.0, retries: int = 3,
             backoff: float = 0.5, concurrency: int = 8, max_tokens: int | None = None, image_format: str = "png",
             top_logprobs: int = 20, logprobs: bool = True, check: bool = True, api_key: Any = None) -> VLMAPIReward:
-    """Factory of the ``vlm-api`` reward: ``vlm-api:url=http://host:8000/v1,model=NAME[,mode=vqa|rubric,
+    """Factory of the ``vlm-api`` reward: ``vlm-api:url=http://host:8000/v1,model=NAME[,mode=vqa|rubric|unifiedreward,
     variant=p_yes_norm|p_yes|log_odds,api_key_env=VAR,timeout=120,retries=3,backoff=0.5,concurrency=8,
     max_tokens=..,image_format=png|jpeg,top_logprobs=20,logprobs=true,check=true]`` (the options of
     :class:`VLMAPIReward`).  The API key comes from ``$VISALIGN_VLM_API_KEY`` or the variable

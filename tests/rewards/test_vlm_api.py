@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from visalign import rewards as R
+from visalign.rewards.unifiedreward import unifiedreward_point_prompt
 from visalign.rewards.vlm import RUBRIC, VQA_QUESTION, vlm_judge, vqascore
 from visalign.rewards.vlm_api import VLMAPIError, parse_yes_no, read_rating, read_yes_no
 from visalign.rewards.vlm_backend import load_backend
@@ -193,6 +194,28 @@ def test_reading_answers():
     assert read_rating([{"token": "6", "logprob": -1.0}]) is None
     assert [parse_yes_no(t) for t in ("Yes", "yes.", "**No**, it does not", " NO", "Not sure", "", "Yesterday")] == \
         [1.0, 1.0, 0.0, 0.0, None, None, None]
+
+
+def test_unifiedreward_mode_reads_the_final_score(api):
+    """``mode=unifiedreward``: the expected score over the digits at ``Final Score:`` when the reply
+    carries per-token log-probabilities, else the parsed score; a reply without one is invalid."""
+    reward = vlm_api(api, mode="unifiedreward")
+    assert reward.question == unifiedreward_point_prompt("{prompt}") and reward.max_tokens == 512
+    assert reward.info.native_range == (1.0, 5.0)
+    tokens = [{"token": t, "logprob": -0.1, "top_logprobs": []} for t in ("ball (object): 1\n", "Final", " Score", ":")]
+    tokens.append({"token": " 4", "logprob": math.log(0.6),
+                   "top_logprobs": [{"token": " 4", "logprob": math.log(0.6)}, {"token": " 3", "logprob": math.log(0.2)},
+                                    {"token": " 5", "logprob": math.log(0.2)}]})
+    text = "ball (object): 1\nFinal Score: 4"
+    values, source, _ = reward._judge({"text": text, "top": None, "tokens": tokens})
+    assert source == "logprobs" and values["rating"] == pytest.approx(0.6 * 4 + 0.2 * 3 + 0.2 * 5)
+    values, source, _ = reward._judge({"text": "**Final Score:** 3.5", "top": None, "tokens": None})
+    assert source == "text" and values["rating"] == 3.5
+    values, _, reason = reward._judge({"text": "A nice picture.", "top": None, "tokens": None})
+    assert values is None and "Final Score" in reason
+    # end to end on the tiny model, which never writes a final score: every item invalid, none 0
+    out = reward(images(2), PROMPTS[:2])
+    assert not out.valid.any() and out.scores.isnan().all() and all("Final Score" in r for r in out.extras["reason"])
 
 
 # ---- errors, retries, concurrency ------------------------------------------------------------------
