@@ -43,6 +43,8 @@ class Shard:
     index: int = 0
     count: int = 1
     barrier: Callable[[], None] = field(default=_no_barrier, compare=False, repr=False)
+    #: this process's number on its machine (its GPU under ``accelerate launch``)
+    local_index: int = 0
 
     def __post_init__(self) -> None:
         if self.count < 1 or not 0 <= self.index < self.count:
@@ -59,6 +61,11 @@ class Shard:
     def take(self, items: Sequence[T]) -> list[T]:
         """Every ``count``-th item, starting at ``index`` (the same split in every process)."""
         return list(items[self.index::self.count])
+
+    def device(self, device: str | None) -> str | None:
+        """``"cuda"`` becomes this process's own GPU (``"cuda:LOCAL_INDEX"``) when sharded; any other
+        device (``"cpu"``, ``"cuda:1"``, ``None``) is kept as given."""
+        return f"cuda:{self.local_index}" if self.sharded and device == "cuda" else device
 
     def describe(self) -> str:
         return f"process {self.index + 1} of {self.count}"
@@ -78,7 +85,7 @@ def current_shard() -> Shard:
     if state.num_processes != int(os.environ["WORLD_SIZE"]):
         raise RuntimeError(f"accelerate set up {state.num_processes} processes, but WORLD_SIZE is "
                            f"{os.environ['WORLD_SIZE']}; launch with `accelerate launch --num_processes N -m visalign ...`")
-    return Shard(state.process_index, state.num_processes, state.wait_for_everyone)
+    return Shard(state.process_index, state.num_processes, state.wait_for_everyone, state.local_process_index)
 
 
 def part_path(out: str | Path, shard: Shard) -> Path:

@@ -251,3 +251,14 @@ def test_one_process_resumes_part_files(tmp_path):
     rows = writer.close(order=keys)
     assert [r["path"] for r in rows] == keys == [r["path"] for r in read_results(out)]
     assert not part_files(out)
+
+
+def test_a_shard_takes_every_nth_item_and_its_own_gpu():
+    shards = [Shard(i, 3, local_index=i) for i in range(3)]
+    items = list(range(10))
+    assert [s.take(items) for s in shards] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert [s.device("cuda") for s in shards] == ["cuda:0", "cuda:1", "cuda:2"]
+    assert shards[1].device("cuda:3") == "cuda:3" and shards[1].device(None) is None
+    assert Shard().device("cuda") == "cuda" and not Shard().sharded
+    with pytest.raises(ValueError, match="need 0 <= index < count"):
+        Shard(2, 2)

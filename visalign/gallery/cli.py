@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         result = score(
             args.paths, columns,
             out=args.out, report=args.report, prompt=args.prompt, prompts=args.prompts, references=args.references,
-            batch_size=args.batch_size, workers=args.workers, device=args.device, resume=args.resume,
+            batch_size=args.batch_size, workers=args.workers, device=shard.device(args.device), resume=args.resume,
             overwrite=args.overwrite, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.no_progress,
             shard=shard,
         )

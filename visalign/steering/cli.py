@@ -210,6 +210,10 @@ def _steer(cfg, *, resume: bool = False, overwrite: bool = False) -> int:
     out = Path(cfg.run.out)
     manifest_path = out / "manifest.jsonl"
     previous = _previous_rows(manifest_path, resume, overwrite, shard)
+    if shard.device(cfg.model.device) != cfg.model.device:  # each process on its own GPU
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=shard.device(cfg.model.device)))
     try:
         sampler = load(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, **cfg.model.options)
     except ModelNotFoundError as err:
