@@ -18,13 +18,14 @@ CASES = [
     ("wan", "a14b"),
     ("wan", "ti2v"),
     ("qwenimage", "base"),
+    ("flux2", "dev"),
 ]
 IDS = [f"{f}-{v}" for f, v in CASES]
 
 # What the real checkpoints ship in scheduler/scheduler_config.json (typed here from the hub files:
 # stable-diffusion-v1-5, stable-diffusion-2-1, stable-diffusion-xl-base-1.0, stable-diffusion-3-medium,
 # FLUX.1-dev, FLUX.1-schnell, Wan2.1-T2V-1.3B-Diffusers, stable-diffusion-3.5-large, Wan2.2-T2V-A14B-Diffusers,
-# Wan2.2-TI2V-5B-Diffusers, Qwen-Image).
+# Wan2.2-TI2V-5B-Diffusers, Qwen-Image; FLUX.2-dev: dynamic shifting, its pipeline sets mu).
 SCHEDULERS = {
     ("sd", "eps"): ("PNDMScheduler", {"prediction_type": "epsilon", "steps_offset": 1, "skip_prk_steps": True,
                                       "beta_schedule": "scaled_linear", "beta_end": 0.012}),
@@ -48,6 +49,7 @@ SCHEDULERS = {
                                                                 "max_shift": 0.9, "max_image_seq_len": 8192,
                                                                 "shift_terminal": 0.02,
                                                                 "time_shift_type": "exponential"}),
+    ("flux2", "dev"): ("FlowMatchEulerDiscreteScheduler", {"use_dynamic_shifting": True}),
 }
 #: what each variant's real checkpoint has beyond its family's common layout
 ARCHITECTURE = {
@@ -55,10 +57,13 @@ ARCHITECTURE = {
     ("wan", "a14b"): lambda p: p.transformer_2 is not None and p.config.boundary_ratio == 0.875,
     ("wan", "ti2v"): lambda p: p.config.expand_timesteps and p.vae.config.z_dim == 48 and p.vae_scale_factor_spatial == 16,
     ("qwenimage", "base"): lambda p: type(p.text_encoder).__name__ == "Qwen2_5_VLForConditionalGeneration",
+    ("flux2", "dev"): lambda p: (type(p.text_encoder).__name__ == "Mistral3ForConditionalGeneration"
+                                 and p.text_encoder.config.text_config.num_hidden_layers >= 30
+                                 and p.transformer.config.joint_attention_dim == 3 * p.text_encoder.config.text_config.hidden_size),
 }
 PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
              "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "wan": "WanPipeline",
-             "qwenimage": "QwenImagePipeline"}
+             "qwenimage": "QwenImagePipeline", "flux2": "Flux2Pipeline"}
 
 PROMPTS = ["a red cube on the left of a blue sphere", "two green cats"]
 H, W, FRAMES = 32, 48, 5
@@ -83,12 +88,14 @@ def _generate(pipe, family, seed, prompts=PROMPTS):
                   generator=torch.Generator().manual_seed(seed))
     if family in ("sd3", "flux", "wan", "qwenimage"):
         kwargs["max_sequence_length"] = 32
+    if family == "flux2":  # FLUX.2's system turn takes 29 tokens of the sequence
+        kwargs["max_sequence_length"] = 64
     if family == "qwenimage":  # true CFG needs a negative prompt
         kwargs.update(negative_prompt=[" "] * len(prompts), true_cfg_scale=4.0)
     if family == "wan":
-        out = pipe(prompts, num_frames=FRAMES, **kwargs)
+        out = pipe(prompt=prompts, num_frames=FRAMES, **kwargs)
         return out.frames
-    return pipe(prompts, **kwargs).images
+    return pipe(prompt=prompts, **kwargs).images
 
 
 def _modules(pipe):
@@ -143,13 +150,16 @@ def test_weights_seeded_and_reload_exact(tiny_model_dir, family, variant):
 
 def _tokenizers(pipe):
     pairs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3")]
-    return [(getattr(pipe, t), getattr(pipe, e)) for t, e in pairs if getattr(pipe, t, None) is not None]
+    # FLUX.2's "tokenizer" is a PixtralProcessor: its text tokenizer is the one to check
+    return [(getattr(getattr(pipe, t), "tokenizer", getattr(pipe, t)), getattr(pipe, e)) for t, e in pairs
+            if getattr(pipe, t, None) is not None]
 
 
 @pytest.mark.parametrize(("family", "variant"), CASES, ids=IDS)
 def test_tokenizers_sane_after_reload(tiny_model_dir, family, variant):
     pipe = _load(tiny_model_dir(family, variant))
-    expected = {"sd": 1, "sdxl": 2, "sd3": 2 if variant == "no_t5" else 3, "flux": 2, "wan": 1, "qwenimage": 1}[family]
+    expected = {"sd": 1, "sdxl": 2, "sd3": 2 if variant == "no_t5" else 3, "flux": 2, "wan": 1, "qwenimage": 1,
+                "flux2": 1}[family]
     toks = _tokenizers(pipe)
     assert len(toks) == expected
     prompt = "a photo of 3 red cubes left of the blue sphere"  # CLIP decodes "x," as "x ,"
@@ -159,7 +169,7 @@ def test_tokenizers_sane_after_reload(tiny_model_dir, family, variant):
         ids = tok(prompt).input_ids
         assert len(set(ids)) > 8
         assert tok.unk_token_id not in ids or tok.unk_token_id == tok.eos_token_id
-        if family != "qwenimage":  # a chat tokenizer adds no end token; the template closes the turn
+        if family not in ("qwenimage", "flux2"):  # a chat tokenizer adds no end token; the template closes turns
             assert ids[-1] == tok.eos_token_id
         assert tok.decode(ids, skip_special_tokens=True) == prompt
 
@@ -202,6 +212,17 @@ def test_qwen2_tokenizer_cuts_qwen_images_template_where_the_real_one_does():
     ids = tok(text.format("a red cube, 3 tall trees")).input_ids
     assert tok.decode(ids[34:]) == "a red cube, 3 tall trees<|im_end|>\n<|im_start|>assistant\n"
     assert tok.convert_ids_to_tokens(tok("a blue sphere").input_ids) == ["a", "Ġblue", "Ġsphere"]
+
+
+def test_mistral_processor_renders_flux2s_chat_turns():
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+    processor = testing.mistral_processor()
+    tok = processor.tokenizer
+    out = processor.apply_chat_template(format_input(["a red cube"]), tokenize=True, return_dict=True)
+    pieces = tok.convert_ids_to_tokens(out["input_ids"][0])
+    assert pieces[:2] == ["<s>", "[SYSTEM_PROMPT]"] and pieces[-5:] == ["[INST]", "a", "Ġred", "Ġcube", "[/INST]"]
+    assert pieces.index("[/SYSTEM_PROMPT]") == 29  # one token per word of the system message
 
 
 def test_sd3_without_t5_needs_explicit_none(tiny_model_dir):

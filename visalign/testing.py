@@ -91,6 +91,7 @@ __all__ = [
     "bench_pipeline",
     "clip_tokenizer",
     "load_kwargs",
+    "mistral_processor",
     "qwen2_tokenizer",
     "save_tiny",
     "t5_tokenizer",
@@ -106,6 +107,7 @@ FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
     "flux": (("dev", "schnell"), "dev"),
     "wan": (("t2v", "a14b", "ti2v"), "t2v"),
     "qwenimage": (("base",), "base"),
+    "flux2": (("dev",), "dev"),
 }
 
 CLIP_VOCAB_SIZE = 2048  # 256 bytes + 256 end-of-word bytes + 1534 merges + 2 special tokens
@@ -205,19 +207,14 @@ _QWEN_TEMPLATE_WORDS = (
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
-def qwen2_tokenizer():
-    """A real `transformers.Qwen2Tokenizer` (byte-level BPE, Qwen2's pre-tokenizer) over a small vocabulary.
-
-    Ids: the 256 byte symbols, then every word of a small list (the T5 word list above and the words
-    of Qwen-Image's prompt template) as one token with and without its leading space (``"Ġred"``),
-    built by merges that grow each word from the left, then ``<|endoftext|>`` (also the padding
-    token), ``<|im_start|>`` and ``<|im_end|>``.  Any text encodes (bytes are the fallback) and
-    decodes back.  Qwen-Image's template prefix encodes to 34 tokens, as with the real tokenizer.
-    """
+def _byte_bpe(words: list[str], line_starts: tuple[str, ...]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Pieces and merges of a byte-level BPE in which every word of ``words`` is one token after a
+    space (``"Ġred"``) and every word of ``line_starts`` one token without: each word grows from the
+    left by merges; the word-initial ones come first, so they outrank the others inside
+    ``" word"`` pre-tokens.  The 256 byte symbols (GPT-2's table) come first among the pieces."""
     import open_clip.tokenizer as oct
-    from transformers import Qwen2Tokenizer
 
-    byte = oct.bytes_to_unicode()  # GPT-2's byte-to-symbol table, which Qwen2 uses
+    byte = oct.bytes_to_unicode()  # GPT-2's byte-to-symbol table, which Qwen2 and Tekken use too
     space = byte[ord(" ")]
     merges: dict[tuple[str, str], None] = {}
     pieces: list[str] = []
@@ -229,16 +226,76 @@ def qwen2_tokenizer():
             current += ch
             pieces.append(current)
 
-    words = list(dict.fromkeys(_QWEN_TEMPLATE_WORDS + _T5_WORDS))
-    for w in words:  # word-initial pieces first: their merges outrank the others inside " word" pre-tokens
+    for w in dict.fromkeys(words):
         grow(space + w)
-    for w in ("system", "user", "assistant", "Describe"):  # the template's line starts
+    for w in line_starts:
         grow(w)
-    tokens = list(byte.values()) + list(dict.fromkeys(pieces)) + list(QWEN_SPECIAL_TOKENS)
+    return list(byte.values()) + list(dict.fromkeys(pieces)), list(merges)
+
+
+def qwen2_tokenizer():
+    """A real `transformers.Qwen2Tokenizer` (byte-level BPE, Qwen2's pre-tokenizer) over a small vocabulary.
+
+    Ids: the 256 byte symbols, then every word of a small list (the T5 word list above and the words
+    of Qwen-Image's prompt template) as one token after a space (``"Ġred"``), then
+    ``<|endoftext|>`` (also the padding token), ``<|im_start|>`` and ``<|im_end|>``.  Any text encodes
+    (bytes are the fallback) and decodes back.  Qwen-Image's template prefix encodes to 34 tokens,
+    as with the real tokenizer.
+    """
+    from transformers import Qwen2Tokenizer
+
+    pieces, merges = _byte_bpe(list(_QWEN_TEMPLATE_WORDS) + _T5_WORDS, ("system", "user", "assistant", "Describe"))
+    tokens = pieces + list(QWEN_SPECIAL_TOKENS)
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise RuntimeError("qwen2_tokenizer: duplicate tokens would shift ids")
-    return Qwen2Tokenizer(vocab=vocab, merges=list(merges), additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
+
+
+#: FLUX.2's system message, word by word (each one token, as a sentence piece would be)
+_FLUX2_SYSTEM_WORDS = (
+    "You are an AI that reasons about image descriptions give structured responses focusing on object "
+    "relationships attribution and actions without speculation"
+).split()
+MISTRAL_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+                          "[IMG_BREAK]", "[IMG_END]", "<pad>")
+# Mistral (Tekken) pre-tokenisation: words with their leading space or punctuation, digits one by one
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+                 r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+#: Mistral-Small-3.1's chat layout, the parts FLUX.2 uses: system and user turns of text parts
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% set text = m['content'] if m['content'] is string else "
+    "(m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{{ text }}[/INST]"
+    "{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def mistral_processor():
+    """A real `transformers.PixtralProcessor` (what FLUX.2 loads as its ``tokenizer``): a byte-level BPE
+    tokenizer with Mistral's special tokens and pre-tokenisation over a small vocabulary (the T5
+    word list and FLUX.2's system message, one token per word), a Mistral-style chat template and a
+    tiny Pixtral image processor.  FLUX.2's system turn encodes to 29 tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PixtralImageProcessor, PixtralProcessor, PreTrainedTokenizerFast
+
+    pieces, merges = _byte_bpe(list(_FLUX2_SYSTEM_WORDS) + _T5_WORDS, ("You", "attribution"))
+    tokens = list(MISTRAL_SPECIAL_TOKENS) + pieces
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise RuntimeError("mistral_processor: duplicate tokens would shift ids")
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_TEKKEN_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", additional_special_tokens=list(MISTRAL_SPECIAL_TOKENS[3:10]))
+    images = PixtralImageProcessor(size={"longest_edge": 32}, patch_size=8)
+    return PixtralProcessor(image_processor=images, tokenizer=tok, patch_size=8, spatial_merge_size=2,
+                            chat_template=MISTRAL_CHAT_TEMPLATE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,6 +379,26 @@ def _qwen25vl(tokenizer, hidden: int = 32):
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
+def _mistral3(tokenizer, hidden: int = 16):
+    """A tiny Mistral-Small-3.1 (``Mistral3ForConditionalGeneration``, FLUX.2's text encoder): 30 text
+    layers, since FLUX.2 reads the hidden states of layers 10, 20 and 30, and a one-layer Pixtral
+    vision tower that text prompts never use."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    config = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=hidden,
+                         intermediate_size=2 * hidden, num_hidden_layers=30, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=hidden // 2, max_position_embeddings=2048,
+                         pad_token_id=ids("<pad>"), bos_token_id=ids("<s>"), eos_token_id=ids("</s>")),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=8, patch_size=8, image_size=32),
+        image_token_index=ids("[IMG]"),
+        spatial_merge_size=2,
+    )
+    return Mistral3ForConditionalGeneration(config)
+
+
 # ----------------------------------------------------------------------------------------------
 # VAEs (4 levels -> vae_scale_factor 8, as in the real checkpoints)
 
@@ -391,6 +468,24 @@ def _wan22_vae():
         latents_mean=_WAN22_LATENTS_MEAN,
         latents_std=_WAN22_LATENTS_STD,
     )
+
+
+def _flux2_vae():
+    """AutoencoderKLFlux2: 32 latent channels, patchified 2x2 and normalised by a batch norm whose
+    running statistics (a trained checkpoint's) are drawn here, so decoding exercises them."""
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=32,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    with torch.no_grad():
+        vae.bn.running_mean.normal_(0.0, 0.1)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    return vae
 
 
 def _qwenimage_vae():
@@ -621,8 +716,36 @@ def _qwenimage(variant: str, seed: int):
     )
 
 
+def _flux2(variant: str, seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+
+    processor = mistral_processor()
+    text_hidden = 16
+    transformer = _seeded(seed, lambda: Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,  # 32 latent channels x 2x2 patchify
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * text_hidden,  # three text-encoder layers stacked per token
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),  # sums to attention_head_dim
+        guidance_embeds=True,
+    ))
+    # dynamic shifting on; Flux2Pipeline computes mu itself (empirical, from tokens and steps)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return Flux2Pipeline(
+        transformer=transformer,
+        vae=_seeded(seed + 1, _flux2_vae),
+        text_encoder=_seeded(seed + 2, lambda: _mistral3(processor.tokenizer, hidden=text_hidden)),
+        tokenizer=processor,
+        scheduler=scheduler,
+    )
+
+
 _BUILDERS: dict[str, Callable[[str, int], Any]] = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan": _wan,
-                                                    "qwenimage": _qwenimage}
+                                                    "qwenimage": _qwenimage, "flux2": _flux2}
 
 
 def _check(family: str, variant: str | None) -> str:

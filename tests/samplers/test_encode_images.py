@@ -18,12 +18,13 @@ def test_toy_encode_is_the_exact_inverse_of_decode():
 
 
 @pytest.mark.parametrize("family,variant", [("sd", "eps"), ("sd", "v"), ("sdxl", None), ("sd3", None),
-                                            ("flux", "dev"), ("flux", "schnell"), ("qwenimage", None)])
+                                            ("flux", "dev"), ("flux", "schnell"), ("qwenimage", None),
+                                            ("flux2", None)])
 def test_vae_encode_gives_latents_in_the_samplers_layout(tiny_model_dir, family, variant):
     """Shapes, dtype and device are those of ``noise`` (what ``add_noise`` expects), the posterior
     mean is deterministic, a draw uses the generator, and ``decode`` accepts the result; the scaling /
     shift factors are applied (the latent equals the raw posterior mean transformed by hand)."""
-    options = {"max_sequence_length": 8} if family in ("sd3", "flux", "qwenimage") else {}
+    options = {"max_sequence_length": 8} if family in ("sd3", "flux", "qwenimage", "flux2") else {}
     sampler = vs.load(str(tiny_model_dir(family, variant)), **options)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     z = sampler.encode_images(x)
@@ -41,6 +42,12 @@ def test_vae_encode_gives_latents_in_the_samplers_layout(tiny_model_dir, family,
     if family == "qwenimage":  # a one-frame video VAE with per-channel latent statistics
         stats = [torch.tensor(v).view(1, -1, 1, 1, 1) for v in (cfg.latents_mean, cfg.latents_std)]
         expected = ((raw - stats[0]) / stats[1])[:, :, 0]
+    elif family == "flux2":  # 2x2 patchify, then the VAE's batch-norm statistics
+        from visalign.samplers.families.flux2 import patchify
+
+        bn = vae.bn
+        expected = (patchify(raw) - bn.running_mean.view(1, -1, 1, 1)) / (
+            bn.running_var.view(1, -1, 1, 1) + cfg.batch_norm_eps).sqrt()
     elif family in ("sd3", "flux"):
         expected = (raw - cfg.shift_factor) * cfg.scaling_factor
     else:

@@ -31,6 +31,9 @@ CASES = [
     # Qwen-Image: prompts of different token lengths (the padding mask), true CFG with norm rescale
     ("qwenimage", None, dict(height=64, width=64, true_cfg_scale=4.0, negative_prompt=[" ", " "], max_sequence_length=16),
      {"max_sequence_length": 16}),
+    # FLUX.2-dev: patchified, batch-norm-normalised latents, embedded guidance, empirical mu; the
+    # system turn takes 29 tokens, so 64 keep the prompts
+    ("flux2", None, dict(height=64, width=64, guidance_scale=4.0, max_sequence_length=64), {"max_sequence_length": 64}),
 ]
 IDS = [f"{f}-{v}" if v else f for f, v, _, _ in CASES]
 
@@ -44,7 +47,7 @@ def test_ode_matches_pipeline(tiny_model_dir, family, variant, call, options):
     pipe.scheduler = sampler.ode_scheduler()  # the deterministic sampler the Sampler implements
     prompts = ["a red cube on a table", "two blue circles"]
     steps = 3
-    out = pipe(prompts, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt", **call)
+    out = pipe(prompt=prompts, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt", **call)
     expected = out.frames if family == "wan" else out.images
     sizes = {k: call[k] for k in ("height", "width", "num_frames") if k in call}
     guidance = call.get("true_cfg_scale", call.get("guidance_scale"))

@@ -19,6 +19,7 @@ FAMILIES = [
      {"max_sequence_length": 16, "num_frames": 5, "guidance_scale_2": 2.0}),
     ("wan", "ti2v", "flow_sde", {"noise_level": 0.7}, {"max_sequence_length": 16, "num_frames": 5}),
     ("qwenimage", None, "flow_sde", {"noise_level": 1.2}, {"max_sequence_length": 16}),
+    ("flux2", None, "flow_sde", {"noise_level": 0.9}, {"max_sequence_length": 48}),
 ]
 
 
