@@ -14,12 +14,18 @@ CASES = [
     ("flux", "dev"),
     ("flux", "schnell"),
     ("wan", "t2v"),
+    ("sd3", "large"),
+    ("wan", "a14b"),
+    ("wan", "ti2v"),
+    ("qwenimage", "base"),
+    ("flux2", "dev"),
 ]
 IDS = [f"{f}-{v}" for f, v in CASES]
 
 # What the real checkpoints ship in scheduler/scheduler_config.json (typed here from the hub files:
 # stable-diffusion-v1-5, stable-diffusion-2-1, stable-diffusion-xl-base-1.0, stable-diffusion-3-medium,
-# FLUX.1-dev, FLUX.1-schnell, Wan2.1-T2V-1.3B-Diffusers).
+# FLUX.1-dev, FLUX.1-schnell, Wan2.1-T2V-1.3B-Diffusers, stable-diffusion-3.5-large, Wan2.2-T2V-A14B-Diffusers,
+# Wan2.2-TI2V-5B-Diffusers, Qwen-Image; FLUX.2-dev: dynamic shifting, its pipeline sets mu).
 SCHEDULERS = {
     ("sd", "eps"): ("PNDMScheduler", {"prediction_type": "epsilon", "steps_offset": 1, "skip_prk_steps": True,
                                       "beta_schedule": "scaled_linear", "beta_end": 0.012}),
@@ -34,9 +40,30 @@ SCHEDULERS = {
     ("flux", "schnell"): ("FlowMatchEulerDiscreteScheduler", {"shift": 1.0, "use_dynamic_shifting": False}),
     ("wan", "t2v"): ("UniPCMultistepScheduler", {"prediction_type": "flow_prediction", "use_flow_sigmas": True,
                                                  "flow_shift": 3.0}),
+    ("sd3", "large"): ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0, "use_dynamic_shifting": False}),
+    ("wan", "a14b"): ("UniPCMultistepScheduler", {"prediction_type": "flow_prediction", "use_flow_sigmas": True,
+                                                  "flow_shift": 3.0}),
+    ("wan", "ti2v"): ("UniPCMultistepScheduler", {"prediction_type": "flow_prediction", "use_flow_sigmas": True,
+                                                  "flow_shift": 5.0}),
+    ("qwenimage", "base"): ("FlowMatchEulerDiscreteScheduler", {"use_dynamic_shifting": True, "base_shift": 0.5,
+                                                                "max_shift": 0.9, "max_image_seq_len": 8192,
+                                                                "shift_terminal": 0.02,
+                                                                "time_shift_type": "exponential"}),
+    ("flux2", "dev"): ("FlowMatchEulerDiscreteScheduler", {"use_dynamic_shifting": True}),
+}
+#: what each variant's real checkpoint has beyond its family's common layout
+ARCHITECTURE = {
+    ("sd3", "large"): lambda p: p.transformer.config.qk_norm == "rms_norm" and not p.transformer.config.dual_attention_layers,
+    ("wan", "a14b"): lambda p: p.transformer_2 is not None and p.config.boundary_ratio == 0.875,
+    ("wan", "ti2v"): lambda p: p.config.expand_timesteps and p.vae.config.z_dim == 48 and p.vae_scale_factor_spatial == 16,
+    ("qwenimage", "base"): lambda p: type(p.text_encoder).__name__ == "Qwen2_5_VLForConditionalGeneration",
+    ("flux2", "dev"): lambda p: (type(p.text_encoder).__name__ == "Mistral3ForConditionalGeneration"
+                                 and p.text_encoder.config.text_config.num_hidden_layers >= 30
+                                 and p.transformer.config.joint_attention_dim == 3 * p.text_encoder.config.text_config.hidden_size),
 }
 PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-             "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "wan": "WanPipeline"}
+             "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "wan": "WanPipeline",
+             "qwenimage": "QwenImagePipeline", "flux2": "Flux2Pipeline"}
 
 PROMPTS = ["a red cube on the left of a blue sphere", "two green cats"]
 H, W, FRAMES = 32, 48, 5
@@ -50,15 +77,25 @@ def _load(path):
     return pipe
 
 
+def _size(pipe) -> tuple[int, int]:
+    """(H, W): Wan2.2-TI2V-5B's /16 VAE and 2x2 patches need multiples of 32."""
+    return (H, 64) if getattr(pipe, "vae_scale_factor_spatial", 8) == 16 else (H, W)
+
+
 def _generate(pipe, family, seed, prompts=PROMPTS):
-    kwargs = dict(num_inference_steps=2, height=H, width=W, output_type="pt",
+    h, w = _size(pipe)
+    kwargs = dict(num_inference_steps=2, height=h, width=w, output_type="pt",
                   generator=torch.Generator().manual_seed(seed))
-    if family in ("sd3", "flux", "wan"):
+    if family in ("sd3", "flux", "wan", "qwenimage"):
         kwargs["max_sequence_length"] = 32
+    if family == "flux2":  # FLUX.2's system turn takes 29 tokens of the sequence
+        kwargs["max_sequence_length"] = 64
+    if family == "qwenimage":  # true CFG needs a negative prompt
+        kwargs.update(negative_prompt=[" "] * len(prompts), true_cfg_scale=4.0)
     if family == "wan":
-        out = pipe(prompts, num_frames=FRAMES, **kwargs)
+        out = pipe(prompt=prompts, num_frames=FRAMES, **kwargs)
         return out.frames
-    return pipe(prompts, **kwargs).images
+    return pipe(prompt=prompts, **kwargs).images
 
 
 def _modules(pipe):
@@ -73,11 +110,12 @@ def test_reload_and_generate(tiny_model_dir, family, variant):
     assert type(pipe.scheduler).__name__ == cls_name
     for key, value in expected.items():
         assert pipe.scheduler.config[key] == value, key
+    assert ARCHITECTURE.get((family, variant), lambda p: True)(pipe)
 
     a = _generate(pipe, family, seed=0)
     b = _generate(pipe, family, seed=0)
     c = _generate(pipe, family, seed=1)
-    shape = (2, FRAMES, 3, H, W) if family == "wan" else (2, 3, H, W)
+    shape = (2, FRAMES, 3, *_size(pipe)) if family == "wan" else (2, 3, H, W)
     assert tuple(a.shape) == shape
     assert a.dtype == torch.float32 and a.min() >= 0 and a.max() <= 1
     assert torch.equal(a, b)  # same seed, same output
@@ -112,22 +150,27 @@ def test_weights_seeded_and_reload_exact(tiny_model_dir, family, variant):
 
 def _tokenizers(pipe):
     pairs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3")]
-    return [(getattr(pipe, t), getattr(pipe, e)) for t, e in pairs if getattr(pipe, t, None) is not None]
+    # FLUX.2's "tokenizer" is a PixtralProcessor: its text tokenizer is the one to check
+    return [(getattr(getattr(pipe, t), "tokenizer", getattr(pipe, t)), getattr(pipe, e)) for t, e in pairs
+            if getattr(pipe, t, None) is not None]
 
 
 @pytest.mark.parametrize(("family", "variant"), CASES, ids=IDS)
 def test_tokenizers_sane_after_reload(tiny_model_dir, family, variant):
     pipe = _load(tiny_model_dir(family, variant))
-    expected = {"sd": 1, "sdxl": 2, "sd3": 3 if variant == "t5" else 2, "flux": 2, "wan": 1}[family]
+    expected = {"sd": 1, "sdxl": 2, "sd3": 2 if variant == "no_t5" else 3, "flux": 2, "wan": 1, "qwenimage": 1,
+                "flux2": 1}[family]
     toks = _tokenizers(pipe)
     assert len(toks) == expected
     prompt = "a photo of 3 red cubes left of the blue sphere"  # CLIP decodes "x," as "x ,"
     for tok, encoder in toks:
-        assert len(tok) == encoder.config.vocab_size > 250  # not a broken 2-token tokenizer
+        config = getattr(encoder.config, "text_config", encoder.config)  # a VLM's text tower
+        assert len(tok) == config.vocab_size > 250  # not a broken 2-token tokenizer
         ids = tok(prompt).input_ids
         assert len(set(ids)) > 8
         assert tok.unk_token_id not in ids or tok.unk_token_id == tok.eos_token_id
-        assert ids[-1] == tok.eos_token_id
+        if family not in ("qwenimage", "flux2"):  # a chat tokenizer adds no end token; the template closes turns
+            assert ids[-1] == tok.eos_token_id
         assert tok.decode(ids, skip_special_tokens=True) == prompt
 
 
@@ -154,6 +197,32 @@ def test_t5_tokenizer_layout_and_roundtrip():
     assert tok.unk_token_id not in ids and ids[-1] == 1
     assert tok.decode(ids, skip_special_tokens=True) == text
     assert len(tok("red").input_ids) == 2  # a vocabulary word is one piece (+ </s>)
+
+
+def test_qwen2_tokenizer_cuts_qwen_images_template_where_the_real_one_does():
+    """QwenImagePipeline drops the first 34 tokens of its prompt template (the system turn and the
+    user turn's opening): with this vocabulary they are exactly the template's, as with Qwen2's."""
+    from diffusers import QwenImagePipeline
+
+    tok = testing.qwen2_tokenizer()
+    template = QwenImagePipeline.__init__.__code__.co_consts  # the template is a literal of __init__
+    text = next(c for c in template if isinstance(c, str) and c.startswith("<|im_start|>system"))
+    prefix = text.split("{}")[0]
+    assert len(tok(prefix).input_ids) == 34
+    ids = tok(text.format("a red cube, 3 tall trees")).input_ids
+    assert tok.decode(ids[34:]) == "a red cube, 3 tall trees<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.convert_ids_to_tokens(tok("a blue sphere").input_ids) == ["a", "Ġblue", "Ġsphere"]
+
+
+def test_mistral_processor_renders_flux2s_chat_turns():
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+    processor = testing.mistral_processor()
+    tok = processor.tokenizer
+    out = processor.apply_chat_template(format_input(["a red cube"]), tokenize=True, return_dict=True)
+    pieces = tok.convert_ids_to_tokens(out["input_ids"][0])
+    assert pieces[:2] == ["<s>", "[SYSTEM_PROMPT]"] and pieces[-5:] == ["[INST]", "a", "Ġred", "Ġcube", "[/INST]"]
+    assert pieces.index("[/SYSTEM_PROMPT]") == 29  # one token per word of the system message
 
 
 def test_sd3_without_t5_needs_explicit_none(tiny_model_dir):

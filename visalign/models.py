@@ -42,6 +42,8 @@ register_family("StableDiffusionXLPipeline", "sdxl", "sd:SDXLSampler")
 register_family("StableDiffusion3Pipeline", "sd3", "sd3:SD3Sampler")
 register_family("FluxPipeline", "flux", "flux:FluxSampler")
 register_family("WanPipeline", "wan", "wan:WanSampler")
+register_family("QwenImagePipeline", "qwenimage", "qwenimage:QwenImageSampler")
+register_family("Flux2Pipeline", "flux2", "flux2:Flux2Sampler")
 
 
 def builtin_model_path(name: str) -> Path:

@@ -6,7 +6,7 @@ pipeline ``__call__`` and the real schedulers run in tests without network acces
 built offline: the CLIP tokenizer from the first merges of the BPE table that the ``open_clip``
 wheel ships (byte-level, lower-cased, same special tokens and id order as OpenAI CLIP), the T5 /
 UMT5 tokenizer as a Unigram model over a small in-memory word + character vocabulary (no ``<unk>``
-for printable ASCII).
+for printable ASCII), the Qwen2 tokenizer (Qwen-Image) as a byte-level BPE over the same words.
 
 Use (in tests the session fixture ``tiny_model_dir`` of ``tests/conftest.py`` wraps this)::
 
@@ -15,7 +15,7 @@ Use (in tests the session fixture ``tiny_model_dir`` of ``tests/conftest.py`` wr
     images = pipe("a red cube", num_inference_steps=2, output_type="pt").images
 
 Families, variants and the call parameters that are valid for the tiny models
-(``vae_scale_factor`` is 8 everywhere, as in the real checkpoints):
+(``vae_scale_factor`` is 8, as in the real checkpoints, but for Wan2.2-TI2V-5B's 16):
 
 ``"sd"`` -- ``StableDiffusionPipeline``; variants ``"eps"`` (default, SD1.5-like: PNDMScheduler as
     SD1.5 ships, ``prediction_type="epsilon"``) and ``"v"`` (SD2.1-like: DDIMScheduler as SD2.1 ships,
@@ -35,7 +35,8 @@ Families, variants and the call parameters that are valid for the tiny models
     loaded without T5; `load_kwargs(path)` returns those keywords. ``height``/``width``
     multiples of 16 (VAE 8 x patch 2; others raise), default 64, at most 256 (``pos_embed_max_size``
     16 patches);
-    ``max_sequence_length`` <= 256 (T5 tokens; default 256).
+    ``max_sequence_length`` <= 256 (T5 tokens; default 256). Variant ``"large"``: SD3.5-Large's
+    transformer switches (``qk_norm="rms_norm"``, no dual attention layers).
 ``"flux"`` -- ``FluxPipeline``: FluxTransformer2DModel (1 double + 1 single block), 16-channel VAE
     with FLUX's factors, CLIPTextModel + T5EncoderModel. Variants ``"dev"`` (default:
     ``guidance_embeds=True``, scheduler ``use_dynamic_shifting=True`` as FLUX.1-dev ships) and
@@ -50,13 +51,26 @@ Families, variants and the call parameters that are valid for the tiny models
     ``num_frames = 4k + 1`` (e.g. 5 or 9; at most 125: 32 latent frames of RoPE), at most 512 px.
     ``max_sequence_length`` default 512 (pass e.g. 32).
     ``output_type="pt"`` returns ``.frames`` of shape ``(B, F, 3, H, W)`` in ``[0, 1]``.
+    Variants: ``"t2v"`` (default, Wan2.1), ``"a14b"`` (Wan2.2-T2V-A14B: a second transformer,
+    ``transformer_2``, for the low-noise steps below ``boundary_ratio=0.875``; ``guidance_scale_2``
+    may be passed) and ``"ti2v"`` (Wan2.2-TI2V-5B: 48-channel transformer with
+    ``expand_timesteps=True``, the Wan2.2 VAE -- 48 latent channels, 2x2 pixel patchify inside,
+    spatial /16 -- with its real latent statistics, UniPC ``flow_shift=5.0``; ``height``/``width``
+    multiples of 32).
+``"qwenimage"`` -- ``QwenImagePipeline``: QwenImageTransformer2DModel (2 layers, 2x2 packed
+    latents), AutoencoderKLQwenImage (one-frame Wan-style VAE with its real latent statistics),
+    Qwen2_5_VLForConditionalGeneration (2 text layers, a 1-block vision tower) with
+    `qwen2_tokenizer`, FlowMatchEulerDiscreteScheduler as Qwen-Image ships (dynamic exponential
+    shift, ``max_shift=0.9`` at 8192 tokens, ``shift_terminal=0.02``). Classifier-free guidance
+    runs only with ``true_cfg_scale > 1`` AND a ``negative_prompt`` (e.g. ``" "``, as the model
+    card). ``height``/``width`` multiples of 16; pass them (the default is 1024 px).
 
 Cost: a 2-step call at 64 px (Wan: 5 frames) with ``max_sequence_length=32`` takes 0.03-0.07 s
 on one CPU thread (Wan 0.14 s); building a pipeline ~0.1 s, saving + loading ~0.2 s.
 
 Quirks vs. the real checkpoints: tiny widths and depths (1-2 layers), a 2048-token CLIP vocabulary
-(first 1534 merges of the real table) and a ~300-piece T5 vocabulary, so the text encoders'
-``vocab_size`` differs from the real 49408 / 32128 / 256384. Architecture switches, scheduler
+(first 1534 merges of the real table), a ~300-piece T5 vocabulary and a ~680-token Qwen2
+vocabulary, so the text encoders' ``vocab_size`` differs from the real 49408 / 32128 / 256384 / 152064. Architecture switches, scheduler
 configs and VAE latent factors are the real ones.
 
 ``bench_pipeline`` builds an SD3-style pipeline at realistic transformer width (SD3-medium: 24 heads
@@ -77,6 +91,8 @@ __all__ = [
     "bench_pipeline",
     "clip_tokenizer",
     "load_kwargs",
+    "mistral_processor",
+    "qwen2_tokenizer",
     "save_tiny",
     "t5_tokenizer",
     "tiny_model_dir",
@@ -87,9 +103,11 @@ __all__ = [
 FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
     "sd": (("eps", "v"), "eps"),
     "sdxl": (("base",), "base"),
-    "sd3": (("t5", "no_t5"), "t5"),
+    "sd3": (("t5", "no_t5", "large"), "t5"),
     "flux": (("dev", "schnell"), "dev"),
-    "wan": (("t2v",), "t2v"),
+    "wan": (("t2v", "a14b", "ti2v"), "t2v"),
+    "qwenimage": (("base",), "base"),
+    "flux2": (("dev",), "dev"),
 }
 
 CLIP_VOCAB_SIZE = 2048  # 256 bytes + 256 end-of-word bytes + 1534 merges + 2 special tokens
@@ -180,6 +198,106 @@ def t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 
+#: the words of Qwen-Image's prompt template: each one token, as in the real Qwen2 vocabulary, so the
+#: pipeline's fixed cut of the template's first 34 tokens falls where it does with the real tokenizer
+_QWEN_TEMPLATE_WORDS = (
+    "Describe the image by detailing color shape size texture quantity text spatial relationships of objects "
+    "and background"
+).split()
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def _byte_bpe(words: list[str], line_starts: tuple[str, ...]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Pieces and merges of a byte-level BPE in which every word of ``words`` is one token after a
+    space (``"Ġred"``) and every word of ``line_starts`` one token without: each word grows from the
+    left by merges; the word-initial ones come first, so they outrank the others inside
+    ``" word"`` pre-tokens.  The 256 byte symbols (GPT-2's table) come first among the pieces."""
+    import open_clip.tokenizer as oct
+
+    byte = oct.bytes_to_unicode()  # GPT-2's byte-to-symbol table, which Qwen2 and Tekken use too
+    space = byte[ord(" ")]
+    merges: dict[tuple[str, str], None] = {}
+    pieces: list[str] = []
+
+    def grow(word: str) -> None:
+        current = word[0]
+        for ch in word[1:]:
+            merges.setdefault((current, ch), None)
+            current += ch
+            pieces.append(current)
+
+    for w in dict.fromkeys(words):
+        grow(space + w)
+    for w in line_starts:
+        grow(w)
+    return list(byte.values()) + list(dict.fromkeys(pieces)), list(merges)
+
+
+def qwen2_tokenizer():
+    """A real `transformers.Qwen2Tokenizer` (byte-level BPE, Qwen2's pre-tokenizer) over a small vocabulary.
+
+    Ids: the 256 byte symbols, then every word of a small list (the T5 word list above and the words
+    of Qwen-Image's prompt template) as one token after a space (``"Ġred"``), then
+    ``<|endoftext|>`` (also the padding token), ``<|im_start|>`` and ``<|im_end|>``.  Any text encodes
+    (bytes are the fallback) and decodes back.  Qwen-Image's template prefix encodes to 34 tokens,
+    as with the real tokenizer.
+    """
+    from transformers import Qwen2Tokenizer
+
+    pieces, merges = _byte_bpe(list(_QWEN_TEMPLATE_WORDS) + _T5_WORDS, ("system", "user", "assistant", "Describe"))
+    tokens = pieces + list(QWEN_SPECIAL_TOKENS)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise RuntimeError("qwen2_tokenizer: duplicate tokens would shift ids")
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
+
+
+#: FLUX.2's system message, word by word (each one token, as a sentence piece would be)
+_FLUX2_SYSTEM_WORDS = (
+    "You are an AI that reasons about image descriptions give structured responses focusing on object "
+    "relationships attribution and actions without speculation"
+).split()
+MISTRAL_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+                          "[IMG_BREAK]", "[IMG_END]", "<pad>")
+# Mistral (Tekken) pre-tokenisation: words with their leading space or punctuation, digits one by one
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+                 r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+#: Mistral-Small-3.1's chat layout, the parts FLUX.2 uses: system and user turns of text parts
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% set text = m['content'] if m['content'] is string else "
+    "(m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{{ text }}[/INST]"
+    "{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def mistral_processor():
+    """A real `transformers.PixtralProcessor` (what FLUX.2 loads as its ``tokenizer``): a byte-level BPE
+    tokenizer with Mistral's special tokens and pre-tokenisation over a small vocabulary (the T5
+    word list and FLUX.2's system message, one token per word), a Mistral-style chat template and a
+    tiny Pixtral image processor.  FLUX.2's system turn encodes to 29 tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PixtralImageProcessor, PixtralProcessor, PreTrainedTokenizerFast
+
+    pieces, merges = _byte_bpe(list(_FLUX2_SYSTEM_WORDS) + _T5_WORDS, ("You", "attribution"))
+    tokens = list(MISTRAL_SPECIAL_TOKENS) + pieces
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise RuntimeError("mistral_processor: duplicate tokens would shift ids")
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_TEKKEN_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", additional_special_tokens=list(MISTRAL_SPECIAL_TOKENS[3:10]))
+    images = PixtralImageProcessor(size={"longest_edge": 32}, patch_size=8)
+    return PixtralProcessor(image_processor=images, tokenizer=tok, patch_size=8, spatial_merge_size=2,
+                            chat_template=MISTRAL_CHAT_TEMPLATE)
+
+
 # ----------------------------------------------------------------------------------------------
 # text encoders
 
@@ -242,6 +360,45 @@ def _umt5_encoder(tokenizer, d_model: int = 32):
     return UMT5EncoderModel(_t5_config(tokenizer, d_model, "UMT5Config"))
 
 
+def _qwen25vl(tokenizer, hidden: int = 32):
+    """A tiny Qwen2.5-VL (the class Qwen-Image's text encoder is): 2 text layers, GQA, M-RoPE, and a
+    one-block vision tower that text-only prompts never use."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=2048, bos_token_id=pad, eos_token_id=pad, pad_token_id=pad,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, out_hidden_size=hidden, num_heads=2,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                           fullatt_block_indexes=[0]),
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def _mistral3(tokenizer, hidden: int = 16):
+    """A tiny Mistral-Small-3.1 (``Mistral3ForConditionalGeneration``, FLUX.2's text encoder): 30 text
+    layers, since FLUX.2 reads the hidden states of layers 10, 20 and 30, and a one-layer Pixtral
+    vision tower that text prompts never use."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    config = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=hidden,
+                         intermediate_size=2 * hidden, num_hidden_layers=30, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=hidden // 2, max_position_embeddings=2048,
+                         pad_token_id=ids("<pad>"), bos_token_id=ids("<s>"), eos_token_id=ids("</s>")),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=8, patch_size=8, image_size=32),
+        image_token_index=ids("[IMG]"),
+        spatial_merge_size=2,
+    )
+    return Mistral3ForConditionalGeneration(config)
+
+
 # ----------------------------------------------------------------------------------------------
 # VAEs (4 levels -> vae_scale_factor 8, as in the real checkpoints)
 
@@ -273,6 +430,70 @@ def _wan_vae():
         num_res_blocks=1,
         temperal_downsample=[False, True, True],
     )
+
+
+# Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json: the latent statistics of its 48 channels
+_WAN22_LATENTS_MEAN = [
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.157, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.123, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.052, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+]
+_WAN22_LATENTS_STD = [
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.499, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.06, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+]
+
+
+def _wan22_vae():
+    """The Wan2.2 VAE of TI2V-5B: 48 latent channels, residual blocks, 2x2 pixel patchify inside
+    (12 channels in and out), spatial /16, temporal /4."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=4,
+        decoder_base_dim=8,
+        z_dim=48,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        in_channels=12,
+        out_channels=12,
+        is_residual=True,
+        patch_size=2,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=_WAN22_LATENTS_MEAN,
+        latents_std=_WAN22_LATENTS_STD,
+    )
+
+
+def _flux2_vae():
+    """AutoencoderKLFlux2: 32 latent channels, patchified 2x2 and normalised by a batch norm whose
+    running statistics (a trained checkpoint's) are drawn here, so decoding exercises them."""
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=32,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    with torch.no_grad():
+        vae.bn.running_mean.normal_(0.0, 0.1)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    return vae
+
+
+def _qwenimage_vae():
+    """AutoencoderKLQwenImage (a one-frame Wan-style VAE) with its real latent statistics (class defaults)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                  temperal_downsample=[False, True, True])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +571,7 @@ def _sdxl(variant: str, seed: int):
 
 
 def _sd3_pipeline(variant: str, seed: int, *, heads: int, head_dim: int, layers: int, joint_dim: int,
-                  pooled_each: int, sample_size: int = 8):
+                  pooled_each: int, sample_size: int = 8, qk_norm: str | None = None):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     tok, tok2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
@@ -368,6 +589,7 @@ def _sd3_pipeline(variant: str, seed: int, *, heads: int, head_dim: int, layers:
         caption_projection_dim=heads * head_dim,
         pooled_projection_dim=2 * pooled_each,
         pos_embed_max_size=16,
+        qk_norm=qk_norm,
     ))
     return StableDiffusion3Pipeline(
         transformer=transformer,
@@ -385,7 +607,9 @@ def _sd3_pipeline(variant: str, seed: int, *, heads: int, head_dim: int, layers:
 
 def _sd3(variant: str, seed: int):
     # CLIP hidden states (32 + 32) are zero-padded up to joint_attention_dim = T5 width (64).
-    return _sd3_pipeline(variant, seed, heads=2, head_dim=16, layers=2, joint_dim=64, pooled_each=32)
+    # "large": stable-diffusion-3.5-large's transformer switches (RMS q/k norm, no dual attention layers)
+    return _sd3_pipeline(variant, seed, heads=2, head_dim=16, layers=2, joint_dim=64, pooled_each=32,
+                         qk_norm="rms_norm" if variant == "large" else None)
 
 
 def _flux(variant: str, seed: int):
@@ -420,16 +644,15 @@ def _flux(variant: str, seed: int):
     )
 
 
-def _wan(variant: str, seed: int):
-    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+def _wan_transformer(channels: int):
+    from diffusers import WanTransformer3DModel
 
-    tok = t5_tokenizer()
-    transformer = _seeded(seed, lambda: WanTransformer3DModel(
+    return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,  # rope splits it into t/h/w parts: 4 + 4 + 4
-        in_channels=16,
-        out_channels=16,
+        in_channels=channels,
+        out_channels=channels,
         text_dim=32,  # UMT5 width
         freq_dim=32,
         ffn_dim=32,
@@ -437,21 +660,92 @@ def _wan(variant: str, seed: int):
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
-    ))
-    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler_config
+    )
+
+
+def _wan(variant: str, seed: int):
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    tok = t5_tokenizer()
+    ti2v = variant == "ti2v"
+    extra: dict[str, Any] = {}
+    if variant == "a14b":  # Wan-AI/Wan2.2-T2V-A14B-Diffusers: a high-noise and a low-noise expert
+        extra = dict(transformer_2=_seeded(seed + 3, lambda: _wan_transformer(16)), boundary_ratio=0.875)
+    elif ti2v:  # Wan-AI/Wan2.2-TI2V-5B-Diffusers: one transformer, per-token timesteps
+        extra = dict(expand_timesteps=True)
+    # the Diffusers checkpoints' scheduler_config: Wan2.1-T2V-1.3B and Wan2.2-T2V-A14B flow_shift 3,
+    # Wan2.2-TI2V-5B flow_shift 5 (its sample_shift)
     scheduler = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
-                                        use_flow_sigmas=True, flow_shift=3.0, solver_order=2,
+                                        use_flow_sigmas=True, flow_shift=5.0 if ti2v else 3.0, solver_order=2,
                                         predict_x0=True, solver_type="bh2", lower_order_final=True)
     return WanPipeline(
         tokenizer=tok,
         text_encoder=_seeded(seed + 2, lambda: _umt5_encoder(tok, d_model=32)),
-        vae=_seeded(seed + 1, _wan_vae),
+        vae=_seeded(seed + 1, _wan22_vae if ti2v else _wan_vae),
         scheduler=scheduler,
-        transformer=transformer,
+        transformer=_seeded(seed, lambda: _wan_transformer(48 if ti2v else 16)),
+        **extra,
     )
 
 
-_BUILDERS: dict[str, Callable[[str, int], Any]] = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan": _wan}
+def _qwenimage(variant: str, seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    tok = qwen2_tokenizer()
+    transformer = _seeded(seed, lambda: QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=64,  # 16 latent channels x 2x2 packing
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # the text encoder's width
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    ))
+    # Qwen/Qwen-Image scheduler_config: exponential time shift, mu from 256..8192 tokens, terminal 0.02
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+    )
+    return QwenImagePipeline(
+        transformer=transformer,
+        vae=_seeded(seed + 1, _qwenimage_vae),
+        text_encoder=_seeded(seed + 2, lambda: _qwen25vl(tok)),
+        tokenizer=tok,
+        scheduler=scheduler,
+    )
+
+
+def _flux2(variant: str, seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+
+    processor = mistral_processor()
+    text_hidden = 16
+    transformer = _seeded(seed, lambda: Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,  # 32 latent channels x 2x2 patchify
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * text_hidden,  # three text-encoder layers stacked per token
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),  # sums to attention_head_dim
+        guidance_embeds=True,
+    ))
+    # dynamic shifting on; Flux2Pipeline computes mu itself (empirical, from tokens and steps)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return Flux2Pipeline(
+        transformer=transformer,
+        vae=_seeded(seed + 1, _flux2_vae),
+        text_encoder=_seeded(seed + 2, lambda: _mistral3(processor.tokenizer, hidden=text_hidden)),
+        tokenizer=processor,
+        scheduler=scheduler,
+    )
+
+
+_BUILDERS: dict[str, Callable[[str, int], Any]] = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan": _wan,
+                                                    "qwenimage": _qwenimage, "flux2": _flux2}
 
 
 def _check(family: str, variant: str | None) -> str:
@@ -468,7 +762,7 @@ def tiny_pipeline(family: str, *, variant: str | None = None, seed: int = 0):
     """A diffusers pipeline of the real classes with tiny, seeded random weights (float32, CPU).
 
     Args:
-        family (`str`): one of ``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"wan"``.
+        family (`str`): one of ``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"wan"``, ``"qwenimage"``.
         variant (`str`, *optional*): see the module docstring; ``None`` picks the family default.
         seed (`int`, defaults to 0): weights are a pure function of ``(family, variant, seed)``; the
             global torch RNG is left as it was.

@@ -39,12 +39,16 @@ def test_flow_forward_process_is_rectified_flow(tiny_model_dir):
         sampler.sample_times(3, g, distribution="cosine")
 
 
-@pytest.mark.parametrize("family,variant", [("sd3", None), ("sd", "eps"), ("sd", "v"), ("toy", None)])
+@pytest.mark.parametrize("family,variant", [("sd3", None), ("sd", "eps"), ("sd", "v"), ("toy", None),
+                                            ("qwenimage", None), ("wan", "a14b"), ("flux2", None)])
 def test_prediction_at_training_times_equals_the_rollout_step(tiny_model_dir, family, variant):
     """``predict_at`` at the training time of step i is ``denoise`` at step i (the same model time),
-    so forward-process trainers and rollouts see the same network."""
+    so forward-process trainers and rollouts see the same network (Wan2.2-A14B: the same expert)."""
     path = "toy-shapes" if family == "toy" else str(tiny_model_dir(family, variant))
-    sampler = vs.load(path, **({"max_sequence_length": 8} if family == "sd3" else {}))
+    options = {"max_sequence_length": 8} if family in ("sd3", "qwenimage", "wan", "flux2") else {}
+    if family == "wan":
+        options.update(num_frames=5, guidance_scale_2=1.5)
+    sampler = vs.load(path, **options)
     size = {} if family == "toy" else SIZES
     cond = sampler.encode(["a red cube", "a blue ball"])
     x = sampler.noise(2, torch.Generator().manual_seed(0), **size).float()

@@ -14,6 +14,12 @@ FAMILIES = [
     ("sd3", None, "flow_sde", {"noise_level": 0.7}, {"max_sequence_length": 16}),
     ("flux", "dev", "flow_cps", {"noise_level": 0.8}, {"max_sequence_length": 16}),
     ("wan", None, "flow_sde", {"noise_level": 0.7}, {"max_sequence_length": 16, "num_frames": 5}),
+    ("sd3", "large", "flow_sde", {"noise_level": 0.7}, {"max_sequence_length": 16}),
+    ("wan", "a14b", "flow_cps", {"noise_level": 0.8},
+     {"max_sequence_length": 16, "num_frames": 5, "guidance_scale_2": 2.0}),
+    ("wan", "ti2v", "flow_sde", {"noise_level": 0.7}, {"max_sequence_length": 16, "num_frames": 5}),
+    ("qwenimage", None, "flow_sde", {"noise_level": 1.2}, {"max_sequence_length": 16}),
+    ("flux2", None, "flow_sde", {"noise_level": 0.9}, {"max_sequence_length": 48}),
 ]
 
 

@@ -27,13 +27,14 @@ from visalign.steering import resampling as rs
 from visalign.steering.common import Compute, CountingDenoiser, lookahead_x0
 
 SIZE = {"height": 32, "width": 32}
-FAMILIES = [("sd", "eps"), ("sd", "v"), ("sdxl", None), ("sd3", None), ("flux", "dev"), ("wan", None), ("toy", None)]
+FAMILIES = [("sd", "eps"), ("sd", "v"), ("sdxl", None), ("sd3", None), ("flux", "dev"), ("wan", None), ("toy", None),
+            ("qwenimage", None), ("flux2", None), ("wan", "a14b")]
 
 
 def _load(tiny_model_dir, family, variant=None):
     if family == "toy":
         return vs.load("toy-shapes"), {}
-    options = {"max_sequence_length": 8} if family in ("sd3", "flux", "wan") else {}
+    options = {"max_sequence_length": 8} if family in ("sd3", "flux", "wan", "qwenimage", "flux2") else {}
     size = dict(SIZE, num_frames=5) if family == "wan" else dict(SIZE)
     return vs.load(str(tiny_model_dir(family, variant)), **options), size
 

@@ -21,6 +21,9 @@ RECIPES = {
     "sd35m/flow_dpo_pickapic.yaml": ("sd3", None, "parquet"),
     "sd35m/dpo_online_pickscore.yaml": ("sd3", None, None),
     "wan21/flow_dpo_video_pairs.yaml": ("wan", None, "video"),
+    "wan22/flow_dpo_video_pairs.yaml": ("wan", "ti2v", "video"),
+    "qwenimage/flow_dpo_pickapic.yaml": ("qwenimage", None, "parquet"),
+    "flux2/flow_dpo_pickapic.yaml": ("flux2", None, "parquet"),
 }
 
 

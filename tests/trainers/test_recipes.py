@@ -21,6 +21,9 @@ RECIPES = {
     "flux/flow_grpo_pickscore.yaml": ("flux", "dev"),
     "sd15/ddpo_aesthetic_jpeg.yaml": ("sd", "eps"),
     "wan21/flow_grpo_vqascore_temporal.yaml": ("wan", None),
+    "wan22/flow_grpo_pickscore.yaml": ("wan", "a14b"),
+    "qwenimage/flow_grpo_pickscore.yaml": ("qwenimage", None),
+    "flux2/flow_grpo_clip_pickscore.yaml": ("flux2", None),
 }
 
 
@@ -148,6 +151,7 @@ def test_recipe_runs_one_iteration(recipe_file, tiny_model_dir, tiny_reward_opti
         f"rewards={json.dumps(rewards)}", f"eval_rewards={json.dumps(eval_rewards)}", "reward_options={}",
         "grpo.group_size=2", "grpo.prompts_per_iteration=2", "grpo.train_batch_size=2", "grpo.gradient_accumulation=1",
         f"grpo.num_steps={min(recipe.config.num_steps, 4)}", "grpo.sde_window_size=2",
+        *([f"grpo.sde_window_end={min(recipe.config.sde_window_end, 4)}"] if recipe.config.sde_window_end else []),
         "run.iterations=1", f"run.run_dir={tmp_path / 'run'}", "run.eval_num_steps=2", "run.mixed_precision=fp32",
         "run.trackers=[]", "run.progress=false",
     ]

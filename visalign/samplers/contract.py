@@ -186,8 +186,14 @@ class Sampler:
                 pred_uncond = self._model(x, t, cond.neg, g)
             if detach_uncond:
                 pred_uncond = pred_uncond.detach()
-            return pred_uncond + g * (pred_text - pred_uncond)
+            return self._guide(pred_uncond, pred_text, g, t)
         return self._model(x, t, cond.pos, g)
+
+    def _guide(self, pred_uncond: torch.Tensor, pred_text: torch.Tensor, guidance_scale: float,
+               t: torch.Tensor) -> torch.Tensor:
+        """Combine the two CFG branches at model time ``t``: ``uncond + g (text - uncond)`` (Ho &
+        Salimans 2022); a family whose pipeline combines them otherwise overrides it."""
+        return pred_uncond + guidance_scale * (pred_text - pred_uncond)
 
     def denoise(self, x: torch.Tensor, i: int, schedule: Schedule, cond: Conditioning, guidance_scale: float = 1.0,
                 *, detach_uncond: bool = False) -> torch.Tensor:

@@ -11,26 +11,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ..contract import Conditioning, Schedule
-from ._common import calculate_shift, flow_schedule, randn
-from ._mmdit import ShiftedVAEFlowSampler
-
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W)`` -> ``(B, H/2 * W/2, 4C)`` (2x2 patches, channel-major within a patch)."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`pack` for latent height ``h`` and width ``w``."""
-    b, _, d = tokens.shape
-    x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, h, w)
+from ._common import calculate_shift, randn
+from ._mmdit import ShiftedVAEFlowSampler, pack, shifted_linear_schedule, unpack
 
 
 def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
@@ -45,7 +30,6 @@ class FluxSampler(ShiftedVAEFlowSampler):
     family = "flux"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     lora_writer = "FluxPipeline"
-    parameterization = "flow"
 
     def __init__(self, pipe, name: str = "", max_sequence_length: int = 512) -> None:
         super().__init__(pipe, name=name, max_sequence_length=max_sequence_length)
@@ -75,11 +59,7 @@ class FluxSampler(ShiftedVAEFlowSampler):
             raise ValueError("FLUX shifts its schedule with resolution: pass the latents to schedule()")
         sch = self.ode_scheduler()
         seq_len = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
-        sigmas = None if sch.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
-        mu = calculate_shift(seq_len, sch.config)
-        if sigmas is None:
-            return flow_schedule(sch, num_steps, self.device, mu=mu)
-        return flow_schedule(sch, num_steps, self.device, sigmas=sigmas, mu=mu)
+        return shifted_linear_schedule(sch, num_steps, self.device, calculate_shift(seq_len, sch.config))
 
     def _model(self, x, t, cond, guidance_scale):
         b, _, h, w = x.shape

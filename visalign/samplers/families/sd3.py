@@ -1,4 +1,10 @@
-"""SD3 / SD3.5 adapter (``StableDiffusion3Pipeline``): MMDiT, three text encoders (T5 optional)."""
+"""SD3 / SD3.5 adapter (``StableDiffusion3Pipeline``): MMDiT, three text encoders (T5 optional).
+
+One adapter serves SD3-Medium, SD3.5-Medium (MMDiT-X: dual attention in the first layers, RMS
+q/k norm) and SD3.5-Large (RMS q/k norm, no dual attention); the architecture switches live in
+the transformer's config and the pipeline's loop is the same.  Only the sampling defaults of the
+model cards differ.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +22,15 @@ class SD3Sampler(ShiftedVAEFlowSampler):
     #: Flow-GRPO: the attention projections of both MMDiT streams
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     lora_writer = "StableDiffusion3Pipeline"
-    parameterization = "flow"
     guidance = "cfg"
     default_steps = 28
     default_guidance = 7.0
+
+    def __init__(self, pipe, name: str = "", max_sequence_length: int = 256) -> None:
+        super().__init__(pipe, name=name, max_sequence_length=max_sequence_length)
+        cfg = pipe.transformer.config
+        if cfg.get("qk_norm"):  # SD3.5 (the model cards): Medium 40 steps at CFG 4.5, Large 28 at 3.5
+            self.default_steps, self.default_guidance = (40, 4.5) if cfg.get("dual_attention_layers") else (28, 3.5)
 
     def default_size(self) -> tuple[int, int]:
         side = self.denoiser.config.sample_size * self.vae_scale_factor
