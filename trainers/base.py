@@ -6,7 +6,8 @@ method, :meth:`Trainer.train_step`, on this base.  The base owns everything else
 
 - the run loop with its progress bar (:meth:`train`), periodic evaluation on held-out prompts
   (:meth:`evaluate`, through the shared collect step), ``eval.jsonl`` / ``eval.json`` and the plot;
-- accelerate (devices, mixed precision, several processes) and its trackers, metric logging;
+- accelerate (devices, mixed precision, several processes, sharded training with FSDP2 or DeepSpeed
+  ZeRO: :mod:`.common.sharding`) and its trackers, metric logging;
 - AdamW, the LR schedule and an EMA of the trainable weights (:meth:`optimizer_step` with the
   NaN / inf guard and gradient clipping);
 - checkpoints that resume exactly (:meth:`save_checkpoint`, :meth:`resume`), export of a kept
@@ -21,6 +22,7 @@ import abc
 import contextlib
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,15 +30,18 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from visalign.io import atomic_write_json, atomic_write_text, read_jsonl
+from visalign.io import atomic_write, atomic_write_json, atomic_write_text, read_jsonl
 
+from .common import sharding
 from .common.checkpoint import (
     checkpoint_iteration,
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
+    sharded_checkpoint_path,
 )
 from .common.data import PromptSampler
 from .common.ema import EMA
@@ -109,7 +114,8 @@ class Trainer(abc.ABC):
         run: :class:`RunSettings`.
         trainable: the parameters to train (LoRA parameters from ``add_lora``); ``None`` trains
             the whole denoiser (a frozen reference copy is kept for ``sampler.reference()``).
-        accelerator: an ``accelerate.Accelerator``; one is made from ``run`` when omitted.
+        accelerator: an ``accelerate.Accelerator``; one is made from ``run`` (and the accelerate launch
+            config: FSDP2 or DeepSpeed ZeRO shard the denoiser, docs/scaling.md) when omitted.
         log_config: extra sections written to ``config.json`` (the recipe's model, data, rewards).
         size: ``{"height", "width", "num_frames"}`` of rollouts.
         guards: :class:`~visalign.trainers.common.guards.GuardSettings` (gated KL, adaptive
@@ -127,18 +133,27 @@ class Trainer(abc.ABC):
                  eval_rewards: Mapping | None = None, run: RunSettings | None = None, trainable=None,
                  accelerator=None, log_config: dict | None = None, size: dict | None = None,
                  guards: GuardSettings | None = None, reward_refresh=None) -> None:
-        from accelerate import Accelerator
-
         from visalign.threads import configure_threads
 
         self.sampler, self.config, self.run = sampler, config, run or RunSettings()
         if self.run.threads is not None:  # "auto" (null) is applied by the command line, not by the library
             configure_threads(self.run.threads, sampler.device)
         if accelerator is None:
-            accelerator = Accelerator(cpu=sampler.device.type == "cpu",
-                                      mixed_precision={"fp32": "no"}.get(self.run.mixed_precision, self.run.mixed_precision),
-                                      log_with=self._available_trackers() or None, project_dir=self.run.run_dir)
+            accelerator = sharding.make_accelerator(
+                device=sampler.device, mixed_precision={"fp32": "no"}.get(self.run.mixed_precision, self.run.mixed_precision),
+                log_with=self._available_trackers() or None, project_dir=self.run.run_dir)
+        else:
+            sharding.adopt_cpu_fsdp(accelerator)
         self.acc = accelerator
+        #: ``"fsdp"`` (FSDP2), ``"deepspeed"`` (ZeRO) or ``None``: how the denoiser is distributed
+        self.sharding = sharding.kind_of(self.acc)
+        self._zero3 = self.sharding == "deepspeed" and int(self.acc.state.deepspeed_plugin.zero_stage) == 3
+        if self.run.gradient_checkpointing:
+            enable = getattr(sampler.denoiser, "enable_gradient_checkpointing", None)
+            if enable is None or not getattr(sampler.denoiser, "_supports_gradient_checkpointing", False):
+                raise ValueError(f"run.gradient_checkpointing: the {type(sampler.denoiser).__name__} denoiser does not "
+                                 "support gradient checkpointing; set run.gradient_checkpointing: false")
+            enable()
         if trainable is None:
             sampler.keep_reference_copy()
             sampler.denoiser.requires_grad_(True)
@@ -157,7 +172,11 @@ class Trainer(abc.ABC):
         self.optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
                                            weight_decay=c.weight_decay, eps=c.adam_eps)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
-        self.ema = EMA(self.params, c.ema_decay) if c.ema_decay > 0 else None
+        #: the prepared denoiser (the denoiser itself under FSDP2, DeepSpeed's engine under ZeRO)
+        self.model = sampler.denoiser
+        if self.sharding is not None:
+            self._prepare_sharded()
+        self.ema = EMA(self.params, c.ema_decay, resync=self.resync_weights) if c.ema_decay > 0 else None
         self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts or [])
         self.prompt_sampler = PromptSampler(self.train_prompts, seed=self.run.seed)
         self.eval_rewards = dict(eval_rewards or {})
@@ -208,6 +227,45 @@ class Trainer(abc.ABC):
 
         return [t for t in self.run.trackers if importlib.util.find_spec(t) is not None]
 
+    def _prepare_sharded(self) -> None:
+        """``accelerator.prepare`` of the denoiser with its optimizer.  FSDP2 shards the denoiser in
+        place (its parameters become DTensors, the optimizer's references are re-pointed to them) and
+        the frozen reference copy of full fine-tuning is sharded the same way; DeepSpeed wraps the
+        denoiser in its engine, which reduces, clips and steps (its config is completed first:
+        :func:`~.common.sharding.prepare_deepspeed_config`)."""
+        acc, den = self.acc, self.sampler.denoiser
+        if self.sharding == "deepspeed":
+            sharding.prepare_deepspeed_config(acc, max_grad_norm=self.config.max_grad_norm)
+        model, optimizer = acc.prepare(den, self.optimizer)
+        self.model, self.optimizer = model, optimizer
+        if self.sharding == "fsdp":
+            if model is not den:
+                raise RuntimeError("FSDP2 was expected to shard the denoiser in place")
+            self.params = [p for group in optimizer.param_groups for p in group["params"]]
+            ref = getattr(self.sampler, "_reference_module", None)
+            if ref is not None:
+                self.sampler._reference_module = sharding.shard_like(acc, ref)
+
+    def resync_weights(self) -> None:
+        """Drop the gathered (unsharded) copies a sharded denoiser keeps between forward passes, so the
+        next forward gathers the weights as they are now; call it after writing the weights outside the
+        optimizer (EMA swaps, loading).  Nothing to do unless the run is sharded with FSDP2."""
+        if self.sharding != "fsdp":
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.sampler.denoiser.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def lockstep_count(self, n: int) -> int:
+        """The largest ``n`` over processes (``n`` with one process): how many samples each process
+        trains on when every process must take as many forward passes and optimizer steps as the others
+        (gradients are reduced, and a sharded denoiser is gathered, in every one of them)."""
+        if self.acc.num_processes == 1:
+            return int(n)
+        return int(self.acc.gather(torch.tensor([int(n)], device=self.acc.device)).max())
+
     def _lr_lambda(self, step: int) -> float:
         c = self.config
         per_iter = max(1, int(self.steps_per_iteration))
@@ -245,23 +303,50 @@ class Trainer(abc.ABC):
         counted); ``max_nan_steps`` skips in a row write a checkpoint and raise
         :class:`TrainingStopped`.  Otherwise: gradients averaged over processes, clipped to
         ``max_grad_norm``, AdamW step, LR schedule step, EMA update.
+
+        With several processes the returned loss is the mean over processes, and a non-finite loss on
+        one process skips the step on all of them (every process still runs each backward pass, since a
+        sharded denoiser communicates in them).  Under FSDP2 the gradients are reduced by FSDP and
+        clipped with ``accelerator.clip_grad_norm_``; under DeepSpeed its engine reduces, clips (to
+        ``max_grad_norm``) and steps, and a non-finite gradient is DeepSpeed's to handle.  ZeRO-3
+        back-propagates the step's losses in one pass (its engine does not add up the gradients of
+        several passes before a step), so the graphs of a step's micro-batches are alive together.
         """
-        self.optimizer.zero_grad(set_to_none=True)
+        multi = self.acc.num_processes > 1
+        self._zero_grad()
         total, bad = 0.0, False
+        pending = None  # ZeRO-3: the step's losses, back-propagated together
         out = losses()
         for loss in ([out] if isinstance(out, torch.Tensor) else out):
             if not torch.isfinite(loss.detach()):
                 bad = True
-                break
-            loss.backward()
+                if not multi:
+                    break
+            if self._zero3:
+                pending = loss if pending is None else pending + loss
+            elif self.sharding == "deepspeed":
+                self.model.backward(loss, scale_wrt_gas=False)
+            elif self.sharding == "fsdp":
+                self.acc.backward(loss)
+            else:
+                loss.backward()
             total += float(loss.detach())
+        if pending is not None:
+            self.model.backward(pending, scale_wrt_gas=False)
+        if multi:  # one decision for every process; the loss of the step over all of them
+            agreed = self.acc.reduce(torch.tensor([float(bad), total], device=self.acc.device), reduction="sum")
+            bad, total = bool(agreed[0] > 0), float(agreed[1]) / self.acc.num_processes
         norm = float("nan")
-        if not bad:
-            self._all_reduce_grads()
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+        if not bad and self.sharding != "deepspeed":
+            if self.sharding is None:
+                self._all_reduce_grads()
+                norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+            else:
+                norm = self.acc.clip_grad_norm_(self.params, self.config.max_grad_norm)
+                norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             bad = not math.isfinite(norm)
         if bad:
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             self.nan_steps += 1
             if self.nan_steps >= self.config.max_nan_steps:
                 path = self.save_checkpoint()
@@ -271,11 +356,22 @@ class Trainer(abc.ABC):
                     "the rewards and data for NaNs.")
             return OptimStep(float("nan"), float("nan"), True)
         self.nan_steps = 0
-        self.optimizer.step()
+        if self.sharding == "deepspeed":
+            self.model.step()
+            norm = self.model.get_global_grad_norm()
+            norm = float("nan") if norm is None else float(norm)
+        else:
+            self.optimizer.step()
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.update()
         return OptimStep(total, norm, False)
+
+    def _zero_grad(self) -> None:
+        if self.sharding == "deepspeed":  # the ZeRO optimizer holds the accumulated (partitioned) gradients
+            self.model.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _all_reduce_grads(self) -> None:
         """Average gradients over processes (LoRA-sized, so one all-reduce per parameter is cheap)."""
@@ -374,11 +470,14 @@ class Trainer(abc.ABC):
     # ---- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue as if it had not stopped (plain tensors and
-        numbers).  Algorithms with state of their own extend it."""
+        numbers).  Algorithms with state of their own extend it.  In a sharded run this is the
+        process's own state (its EMA shards, its random state); the denoiser and the optimizer are
+        saved by ``accelerator.save_state`` beside it."""
+        weights = {} if self.sharding else {"trainable": [p.detach().cpu().clone() for p in self.params],
+                                            "optimizer": self.optimizer.state_dict()}
         return {
             "iteration": self.iteration,
-            "trainable": [p.detach().cpu().clone() for p in self.params],
-            "optimizer": self.optimizer.state_dict(),
+            **weights,
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "prompt_sampler": self.prompt_sampler.state_dict(),
@@ -392,10 +491,11 @@ class Trainer(abc.ABC):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            for p, v in zip(self.params, state["trainable"]):
-                p.copy_(v.to(p.device, p.dtype))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "trainable" in state:  # not in a sharded run's (accelerator.load_state restores the weights)
+            with torch.no_grad():
+                for p, v in zip(self.params, state["trainable"]):
+                    p.copy_(v.to(p.device, p.dtype))
+            self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
@@ -417,9 +517,55 @@ class Trainer(abc.ABC):
             self.reward_refresh.load_state_dict(state["reward_refresh"])
 
     def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/iter_NNNNNN.pt`` (the main process), or in a sharded run the folder
+        ``checkpoints/iter_NNNNNN/`` (every process: ``accelerator.save_state`` in ``accelerate/``
+        and each process's own state in ``trainer_rankR.pt``, made complete before it takes its
+        name); the newest ``run.keep_checkpoints`` are kept."""
+        if self.sharding is not None:
+            return self._save_sharded_checkpoint()
         if not self.acc.is_main_process:
             return None
         return save_checkpoint(self.run_dir, self.iteration, self.state_dict(), keep=self.run.keep_checkpoints)
+
+    def _save_sharded_checkpoint(self) -> Path:
+        acc = self.acc
+        final = sharded_checkpoint_path(self.run_dir, self.iteration)
+        partial = final.with_name(f".{final.name}.partial")
+        if acc.is_main_process:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if partial.exists():  # left by a run that was killed while saving
+                shutil.rmtree(partial)
+        acc.wait_for_everyone()
+        acc.save_state(str(partial / "accelerate"))
+        state = self.state_dict()
+        atomic_write(partial / f"trainer_rank{acc.process_index}.pt", lambda p: torch.save(state, p))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            partial.rename(final)
+            prune_checkpoints(self.run_dir, self.run.keep_checkpoints)
+        acc.wait_for_everyone()
+        return final
+
+    def _load_checkpoint(self, path: Path) -> None:
+        """Restore a checkpoint of :meth:`save_checkpoint` (a file, or a sharded run's folder)."""
+        if path.is_dir():
+            if self.sharding is None:
+                raise ValueError(f"{path} was written by a sharded run (FSDP2 / DeepSpeed): continue it with "
+                                 "the accelerate config it was started with (accelerate launch --config_file ...)")
+            ranks = sorted(path.glob("trainer_rank*.pt"))
+            if len(ranks) != self.acc.num_processes:
+                raise ValueError(f"{path} was written by {len(ranks)} processes and this run has "
+                                 f"{self.acc.num_processes}: continue it with --num_processes {len(ranks)}")
+            self.acc.load_state(str(path / "accelerate"))
+            self.resync_weights()
+            self.load_state_dict(load_checkpoint(path / f"trainer_rank{self.acc.process_index}.pt"))
+            return
+        if self.sharding is not None:
+            raise ValueError(f"{path} was written by a run that was not sharded: continue it without the FSDP2 / "
+                             "DeepSpeed accelerate config")
+        self.load_state_dict(load_checkpoint(path))
 
     def resume(self, run_dir: str | Path | None = None) -> bool:
         """Continue from the newest checkpoint in ``run_dir``; False if there is none.  Metrics and
@@ -427,7 +573,7 @@ class Trainer(abc.ABC):
         path = latest_checkpoint(run_dir or self.run_dir)
         if path is None:
             return False
-        self.load_state_dict(load_checkpoint(path))
+        self._load_checkpoint(path)
         if self.acc.is_main_process:
             self.metrics.truncate_after(self.iteration)
             evals = [r for r in read_jsonl(self.run_dir / "eval.jsonl") if int(r["iteration"]) <= self.iteration]
@@ -438,34 +584,43 @@ class Trainer(abc.ABC):
         """Write the LoRA (EMA weights when kept) of a kept checkpoint, the newest by default, to
         ``run_dir/export/iter_NNNNNN`` in diffusers' format, like ``final/``; for evaluating an
         intermediate or interrupted run (``visalign toy eval --lora DIR``)."""
-        path = latest_checkpoint(self.run_dir) if iteration is None else checkpoint_path(self.run_dir, iteration)
-        if path is None or not path.is_file():
+        if iteration is None:
+            path = latest_checkpoint(self.run_dir)
+        else:
+            path = next((p for p in list_checkpoints(self.run_dir) if checkpoint_iteration(p) == iteration),
+                        checkpoint_path(self.run_dir, iteration))
+        if path is None or not path.exists():
             have = ", ".join(str(checkpoint_iteration(p)) for p in list_checkpoints(self.run_dir)) or "none"
             raise FileNotFoundError(f"no checkpoint {'' if iteration is None else f'for iteration {iteration} '}in "
                                     f"{self.run_dir / 'checkpoints'} (kept: {have}); run.keep_checkpoints sets how "
                                     "many are kept")
-        self.load_state_dict(load_checkpoint(path))
+        self._load_checkpoint(path)
         return self.save_final(self.run_dir / "export" / path.stem)
 
     def save_final(self, out: str | Path | None = None) -> Path | None:
         """LoRA (EMA weights when kept) to ``out`` (default ``run_dir/final``) in diffusers' format;
         after full fine-tuning, the denoiser's weights as ``denoiser.safetensors``; with reward
-        refresh, the refreshed reward head in ``reward_head/``."""
+        refresh, the refreshed reward head in ``reward_head/``.  In a sharded run every process calls
+        it: the full weights are gathered (``accelerator.get_state_dict``) and the main process writes
+        them, in the same layout."""
+        gathered = None
+        if self.sharding is not None:
+            with self.ema_weights():
+                gathered = self.acc.get_state_dict(self.model)
         if not self.acc.is_main_process:
             return None
         from visalign.samplers.lora import has_lora, save_lora
 
         out = self.run_dir / "final" if out is None else Path(out)
-        with self.ema_weights():
+        with self.ema_weights() if gathered is None else contextlib.nullcontext():
             if has_lora(self.sampler):
-                path = save_lora(self.sampler, out)
+                path = save_lora(self.sampler, out, state_dict=gathered)
             else:
                 from safetensors.torch import save_file
 
-                from visalign.io import atomic_write
-
                 out.mkdir(parents=True, exist_ok=True)
-                state = {k: v.contiguous().cpu() for k, v in self.sampler.denoiser.state_dict().items()}
+                full = self.sampler.denoiser.state_dict() if gathered is None else gathered
+                state = {k: v.contiguous().cpu() for k, v in full.items()}
                 atomic_write(out / "denoiser.safetensors", lambda p: save_file(state, str(p)))
                 path = out
         if self.reward_refresh is not None:  # the refreshed reward head, loadable as head:path=.../reward_head
@@ -494,6 +649,10 @@ class Trainer(abc.ABC):
         from tqdm.auto import tqdm
 
         total = self.run.iterations if iterations is None else iterations
+        if self.sharding is not None and self.guards.reference_refresh_every:
+            raise ValueError("the adaptive reference (guards.reference_refresh_every / dpo.ref_refresh_every) is not "
+                             "available in sharded runs (FSDP2 / DeepSpeed) yet: set it to 0, or train without the "
+                             "sharded accelerate config")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.acc.is_main_process:
             atomic_write_json(self.run_dir / "config.json", {**self.log_config, "algorithm": self.algorithm,

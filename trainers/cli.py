@@ -51,7 +51,8 @@ def run(args) -> int:
         except FileNotFoundError as err:
             print(f"visalign train: error: {err}", file=sys.stderr)
             return 2
-        print(f"wrote {out} (iteration {trainer.iteration}); evaluate it with --lora {out}")
+        if out is not None:  # the main process (a sharded run gathers the weights on every process)
+            print(f"wrote {out} (iteration {trainer.iteration}); evaluate it with --lora {out}")
         return 0
     if trainer.acc.is_main_process:
         import torch
@@ -62,7 +63,8 @@ def run(args) -> int:
         if not trainer.resume(args.resume):
             print(f"visalign train: error: no checkpoint in {args.resume}/checkpoints to resume from", file=sys.stderr)
             return 2
-        print(f"resumed {args.resume} at iteration {trainer.iteration}")
+        if trainer.acc.is_main_process:
+            print(f"resumed {args.resume} at iteration {trainer.iteration}")
     try:
         summary = trainer.train()
     except TrainingStopped as err:

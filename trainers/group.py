@@ -212,7 +212,7 @@ class GroupTrainer(Trainer):
         return row
 
     def minibatch_updates(self, indices: torch.Tensor, generator: torch.Generator, terms_per_sample: int,
-                          loss_terms) -> dict:
+                          loss_terms, pad_index: int = 0) -> dict:
         """The update loop of group algorithms: for each inner epoch, the ``indices`` (samples of this
         process) in a fresh random order, cut into optimizer steps of ``train_batch_size x
         gradient_accumulation`` samples and micro-batches of ``train_batch_size``.
@@ -222,23 +222,43 @@ class GroupTrainer(Trainer):
         is scaled by ``1 / (samples in the step x terms_per_sample)`` and back-propagated at once.
         Returns the mean loss and gradient norm over the steps taken, the step counts and each
         statistic concatenated over the terms that were applied (``stats``).
+
+        With several processes every process takes as many micro-batches as the one with the most
+        samples (:meth:`~.base.Trainer.lockstep_count`): a process with fewer pads its order with
+        repeats of ``pad_index`` (or its own first sample) whose terms weigh 0, so the gradient
+        reductions and a sharded denoiser's gathers meet on every process.
         """
         c = self.config
         per_step = c.train_batch_size * c.gradient_accumulation
         stats: dict[str, list[torch.Tensor]] = {}
         losses, norms, skipped = [], [], 0
+        n_real = indices.numel()
+        n_all = self.lockstep_count(n_real)
         for _epoch in range(c.inner_epochs):
-            order = indices[torch.randperm(indices.numel(), generator=generator)]
-            for g0 in range(0, order.numel(), per_step):
-                group = order[g0 : g0 + per_step]
-                denom = group.numel() * terms_per_sample
+            order = indices[torch.randperm(n_real, generator=generator)]
+            weight = torch.ones(n_all)
+            if n_all > n_real:
+                fill = order[:1] if n_real else torch.tensor([pad_index], dtype=torch.long)
+                order = torch.cat([order, fill.repeat(n_all - n_real)])
+                weight[n_real:] = 0.0
+            for g0 in range(0, n_all, per_step):
+                group, w_group = order[g0 : g0 + per_step], weight[g0 : g0 + per_step]
+                denom = max(1.0, float(w_group.sum())) * terms_per_sample
 
-                def scaled(group=group, denom=denom):
+                def scaled(group=group, w_group=w_group, denom=denom):
                     for m0 in range(0, group.numel(), c.train_batch_size):
+                        w = w_group[m0 : m0 + c.train_batch_size]
+                        real = w > 0
                         for loss, st in loss_terms(group[m0 : m0 + c.train_batch_size]):
-                            yield loss.sum() / denom  # a non-finite one ends the step here: no stats
+                            if bool(real.all()):
+                                yield loss.sum() / denom  # a non-finite one ends the step here: no stats
+                            else:
+                                yield (loss * w.to(loss.device, loss.dtype)).sum() / denom
                             for name, val in st.items():
-                                stats.setdefault(name, []).append(val.detach().cpu())
+                                val = val.detach().cpu()
+                                if val.ndim and val.shape[0] == real.numel() and not bool(real.all()):
+                                    val = val[real]
+                                stats.setdefault(name, []).append(val)
 
                 result = self.optimizer_step(scaled)
                 if result.skipped:

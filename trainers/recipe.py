@@ -83,6 +83,9 @@ def load_recipe(path, overrides=()) -> TrainRecipe:
     """Read a recipe, apply ``key=value`` overrides and build the typed recipe; the algorithm's
     section is checked against its registered config class."""
     data = apply_overrides(read_yaml(path), overrides)
+    if "distributed_type" in data and "algorithm" not in data:
+        raise ConfigError(f"{path} is an accelerate launch config, not a training recipe: pass it to accelerate, "
+                          f"accelerate launch --config_file {path} -m visalign train RECIPE (docs/scaling.md)")
     name = data.pop("algorithm", "grpo")
     try:
         algo = registry.get(str(name))

@@ -138,7 +138,7 @@ def _add_recipes(p: argparse.ArgumentParser) -> None:
     p.add_argument("show", nargs="?", metavar="show NAME",
                    help="print a recipe (copy it to edit: visalign recipes show toy/nft_cn > mine.yaml)")
     p.add_argument("name", nargs="?", help=argparse.SUPPRESS)
-    p.add_argument("--kind", choices=["train", "steer", "reward"], default=None, help="list one kind only")
+    p.add_argument("--kind", choices=["train", "steer", "reward", "accelerate"], default=None, help="list one kind only")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
 
 
@@ -164,12 +164,14 @@ def _run_recipes(args) -> int:
                            "summary": r.summary} for r in rows], indent=2))
         return 0
     width = max((len(r.name) for r in rows), default=4)
-    for kind in ("train", "steer", "reward"):
+    for kind in ("train", "steer", "reward", "accelerate"):
         group = [r for r in rows if r.kind == kind]
         if not group:
             continue
         print({"train": "training recipes (visalign train NAME)", "steer": "steering recipes (visalign steer NAME)",
-               "reward": "reward-head recipes (visalign rewards train NAME --out DIR)"}[kind])
+               "reward": "reward-head recipes (visalign rewards train NAME --out DIR)",
+               "accelerate": "sharded-training launch configs (accelerate launch --config_file PATH -m visalign "
+                             "train RECIPE; docs/scaling.md)"}[kind])
         for r in group:
             print(f"  {r.name:<{width}}  {r.summary}")
     print(f"in {recipes.recipes_dir()}; print one with: visalign recipes show NAME")

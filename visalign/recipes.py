@@ -27,8 +27,9 @@ _SUFFIXES = (".yaml", ".yml")
 
 @dataclass(frozen=True)
 class Recipe:
-    """A shipped recipe: its ``name``, file ``path``, ``kind`` (``train``, ``steer`` or ``reward``),
-    the command that runs it and the first sentence of its header comment."""
+    """A shipped recipe: its ``name``, file ``path``, ``kind`` (``train``, ``steer``, ``reward``, or
+    ``accelerate``: a launch config for sharded training, ``configs/accelerate/``), the command that
+    runs it and the first sentence of its header comment."""
 
     name: str
     path: Path
@@ -67,18 +68,26 @@ def _kind(path: Path) -> str:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
         return "train"
+    if isinstance(data, dict) and "distributed_type" in data and "algorithm" not in data:
+        return "accelerate"
     return "steer" if isinstance(data, dict) and "method" in data and "algorithm" not in data else "train"
 
 
+def _command(kind: str, name: str, path: Path) -> str:
+    if kind == "accelerate":
+        return f"accelerate launch --config_file {path} -m visalign train RECIPE"
+    return f"visalign {kind} {name}"
+
+
 def available(kind: str | None = None) -> list[Recipe]:
-    """Every shipped recipe (training and steering recipes, then the reward-head recipes), sorted by
-    name; ``kind`` keeps one kind."""
+    """Every shipped recipe (training and steering recipes and the accelerate launch configs, then the
+    reward-head recipes), sorted by name; ``kind`` keeps one kind."""
     root = recipes_dir()
     found: list[Recipe] = []
     for path in sorted(p for p in root.rglob("*") if p.suffix in _SUFFIXES and p.is_file()):
         name = path.relative_to(root).with_suffix("").as_posix()
         k = _kind(path)
-        found.append(Recipe(name, path, k, f"visalign {k} {name}", _summary(path)))
+        found.append(Recipe(name, path, k, _command(k, name, path), _summary(path)))
     from .assets import asset_path
 
     heads = asset_path("reward_recipes")
@@ -112,7 +121,7 @@ def find(name: str | Path) -> Path | None:
 
 def describe(name: str | Path) -> str:
     """A sentence for an error message: the nearest shipped names and how to list them."""
-    names = [r.name for r in available() if r.kind != "reward"]
+    names = [r.name for r in available() if r.kind not in ("reward", "accelerate")]
     key = _candidates(str(name))[0].rsplit(".", 1)[0]
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""

@@ -103,6 +103,8 @@ class RewardBackpropTrainer(Trainer):
         self.reward_weights = {name: float(w) for name, (_, w) in rewards.items()}
         self.trained_reward_names = list(rewards)
         self.reward = CombinedReward([(n, r, float(w)) for n, (r, w) in rewards.items()], "none", None, "sum", None)
+        #: in sharded runs, the generator of the draws that shape the computation (K, m), shared by processes
+        self._shape_generator: torch.Generator | None = None
 
     # ---- pieces ------------------------------------------------------------------------------------
     @property
@@ -164,7 +166,7 @@ class RewardBackpropTrainer(Trainer):
         anchor = _Anchor(self)
         with self.acc.autocast():
             if c.method in ("draft", "alignprop"):
-                k = self.grad_steps(generator)
+                k = self.grad_steps(self._shape_generator or generator)
                 stats["grad_steps"] = k
                 traj = self.sampler.rollout(
                     cond, num_steps=c.num_steps, guidance_scale=self.guidance, kernel="ode", generator=generator,
@@ -245,7 +247,7 @@ class RewardBackpropTrainer(Trainer):
         late step ``m``, then one prediction with gradient and its x0-estimate."""
         c = self.config
         first, last = c.refl_steps()
-        m = int(torch.randint(first, last + 1, (1,), generator=generator))
+        m = int(torch.randint(first, last + 1, (1,), generator=self._shape_generator or generator))
         with torch.no_grad():
             x = self.sampler.noise(len(cond), generator, **self.size).to(self.sampler.device, torch.float32)
             schedule = self.sampler.schedule(c.num_steps, x)
@@ -270,6 +272,9 @@ class RewardBackpropTrainer(Trainer):
         def losses():
             for mb in range(c.gradient_accumulation):
                 gen = torch.Generator().manual_seed(derive_seed(self.run.seed, it, acc.process_index, mb, 3))
+                if self.sharding is not None:  # K (AlignProp) and m (ReFL) set how many denoiser passes run:
+                    # the same on every process, whose sharded denoiser gathers its weights in each
+                    self._shape_generator = torch.Generator().manual_seed(derive_seed(self.run.seed, it, mb, 4))
                 loss, stats = self.micro_batch(self._records(), gen)
                 collected.append(stats)
                 yield loss / c.gradient_accumulation

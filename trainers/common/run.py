@@ -42,6 +42,9 @@ class RunSettings:
     #: wall-clock budget: stop once the iterations of this run (resumed runs included; evaluations
     #: and checkpoints not counted) have taken this many minutes; null = no budget, only `iterations`
     max_minutes: float | None = None
+    #: recompute the denoiser's activations in the backward pass instead of keeping them (diffusers'
+    #: enable_gradient_checkpointing; less memory, more compute); docs/scaling.md
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.iterations < 0:

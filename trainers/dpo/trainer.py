@@ -103,13 +103,22 @@ class OfflineDPOTrainer(DPOPairLoss, Trainer):
     # ---- one iteration: one optimizer step ----------------------------------------------------------
     def _update(self, x_w: torch.Tensor, x_l: torch.Tensor, cond_of, gen: torch.Generator) -> dict:
         """One optimizer step over ``len(x_w)`` pairs, in micro-batches of ``train_batch_size`` pairs
-        (in a random order); ``cond_of(rows)`` gives the conditioning of pairs ``rows``."""
+        (in a random order); ``cond_of(rows)`` gives the conditioning of pairs ``rows``.
+
+        The order and the noise / time draws are those of the step's pairs over all processes, of
+        which this process takes its own (``gen`` is the same on every process): a step's draws do not
+        depend on how many processes share it, so two processes train as one with the same global
+        batch."""
         c = self.config
         n, k = x_w.shape[0], c.timesteps_per_pair
-        noise, times = self.pair_draws(x_w, gen)
+        procs, rank = self.acc.num_processes, self.acc.process_index
+        lo, hi = rank * n, (rank + 1) * n
+        noise, times = self.pair_draws(x_w.new_empty((n * procs, *x_w.shape[1:])), gen)
+        noise, times = noise[:, lo:hi], times[:, lo:hi]
+        order = torch.randperm(n * procs, generator=gen)
+        order = order[(order >= lo) & (order < hi)] - lo
         stats: dict[str, list[torch.Tensor]] = {}
         t0 = time.perf_counter()
-        order = torch.randperm(n, generator=gen)
 
         def scaled():
             for m0 in range(0, n, c.train_batch_size):
@@ -132,12 +141,14 @@ class OfflineDPOTrainer(DPOPairLoss, Trainer):
     def train_step(self, it: int) -> dict:
         c, acc = self.config, self.acc
         cache = self.cache
-        gen = torch.Generator().manual_seed(derive_seed(self.run.seed, it, acc.process_index, 2))
+        # the step's draws are made for the pairs of all processes, each process taking its share
+        gen = torch.Generator().manual_seed(derive_seed(self.run.seed, it, 0, 2))
         per_step = c.train_batch_size * c.gradient_accumulation
         picked = self.pair_sampler.next(per_step * acc.num_processes)
-        mine = torch.tensor(picked[acc.process_index * per_step:(acc.process_index + 1) * per_step])
-        flips = torch.rand(per_step, generator=gen) < 0.5 if cache.hflip else None
-        drop = torch.rand(per_step, generator=gen) < c.caption_dropout
+        lo, hi = acc.process_index * per_step, (acc.process_index + 1) * per_step
+        mine = torch.tensor(picked[lo:hi])
+        flips = (torch.rand(per_step * acc.num_processes, generator=gen) < 0.5)[lo:hi] if cache.hflip else None
+        drop = (torch.rand(per_step * acc.num_processes, generator=gen) < c.caption_dropout)[lo:hi]
         x_w, x_l = cache.get(mine, flips)
         prompts = ["" if d else p for d, p in zip(drop.tolist(), cache.prompts(mine))]
 
@@ -242,10 +253,13 @@ class OnlineDPOTrainer(DPOPairLoss, GroupTrainer):
                     gaps.append(gap)
         return torch.tensor(w_rows, dtype=torch.long), torch.tensor(l_rows, dtype=torch.long), torch.tensor(gaps)
 
-    def _update(self, x_w: torch.Tensor, x_l: torch.Tensor, cond_of, gen: torch.Generator) -> dict:
-        """Optimizer steps over ``len(x_w)`` pairs (all the draws first, then
-        :meth:`~GroupTrainer.minibatch_updates`); ``cond_of(rows)`` gives the conditioning of pairs ``rows``."""
-        n, k = x_w.shape[0], self.config.timesteps_per_pair
+    def _update(self, x_w: torch.Tensor, x_l: torch.Tensor, cond_of, gen: torch.Generator,
+                n_pairs: int | None = None) -> dict:
+        """Optimizer steps over the first ``n_pairs`` (default all) of ``len(x_w)`` pairs (all the draws
+        first, then :meth:`~GroupTrainer.minibatch_updates`); ``cond_of(rows)`` gives the conditioning
+        of pairs ``rows``."""
+        k = self.config.timesteps_per_pair
+        n = x_w.shape[0] if n_pairs is None else n_pairs
         noise, times = self.pair_draws(x_w, gen)
 
         def terms(mb):
@@ -263,19 +277,24 @@ class OnlineDPOTrainer(DPOPairLoss, GroupTrainer):
         self.reward_calls += int(batch.all_scores.numel())
         w_rows, l_rows, gaps = self.make_pairs(batch)
         row = {**self.reward_metrics(batch), "reward_calls": self.reward_calls}
-        if w_rows.numel() == 0:  # every group tied: nothing to learn from this iteration
+        # every group tied on every process: nothing to learn from this iteration
+        if self.lockstep_count(w_rows.numel()) == 0:
             return {**row, "loss": float("nan"), "grad_norm": float("nan"), "optimizer_steps": 0, "skipped_steps": 0,
                     "pairs": 0}
         traj = batch.traj
         x0 = traj.final.float().cpu()
         cond = traj.cond
+        n_pairs = w_rows.numel()
+        # a process without pairs while others have some takes weightless steps on its first sample
+        src_w, src_l = (w_rows, l_rows) if n_pairs else (torch.zeros(1, dtype=torch.long),) * 2
 
         def cond_of(mb):
-            return cond[w_rows[mb]].to(self.sampler.device)
+            return cond[src_w[mb]].to(self.sampler.device)
 
-        row.update(self._update(x0[w_rows], x0[l_rows], cond_of, batch.generator))
-        row.update({"reward/gap": float(gaps.mean()), "reward/chosen": float(batch.scores[w_rows].mean()),
-                    "reward/rejected": float(batch.scores[l_rows].mean())})
+        row.update(self._update(x0[src_w], x0[src_l], cond_of, batch.generator, n_pairs=n_pairs))
+        if n_pairs:
+            row.update({"reward/gap": float(gaps.mean()), "reward/chosen": float(batch.scores[w_rows].mean()),
+                        "reward/rejected": float(batch.scores[l_rows].mean())})
         return row
 
     # ---- checkpoints ------------------------------------------------------------------------------------

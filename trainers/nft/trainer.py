@@ -86,7 +86,7 @@ class NFTTrainer(GroupTrainer):
                              "prediction: use algorithm grpo (DDPO, kernel ddim) or dpo")
         super().__init__(sampler, rewards, config, **kwargs)
         #: the old policy's weights (the reference's "old" adapter), soft-updated after each iteration
-        self.old = EMA(self.params, 0.0)
+        self.old = EMA(self.params, 0.0, resync=self.resync_weights)
         #: optimizer steps taken: the clock of the old policy's decay (the reference's global_step)
         self.nft_steps = 0
         #: whether the old weights equal the live ones (then v_old is v.detach() in a one-step iteration)
@@ -188,7 +188,8 @@ class NFTTrainer(GroupTrainer):
         if c.weighting == "positive":
             keep = keep & (adv > 0)  # the rest have weight 0: skip their compute
         idx_all = torch.nonzero(keep).flatten()
-        self._single_step = c.inner_epochs == 1 and idx_all.numel() <= c.train_batch_size * c.gradient_accumulation
+        n_train = self.lockstep_count(idx_all.numel())  # every process takes as many steps (sharded runs)
+        self._single_step = c.inner_epochs == 1 and n_train <= c.train_batch_size * c.gradient_accumulation
         draws = self._draws(traj, batch.generator)
 
         def terms(mb):

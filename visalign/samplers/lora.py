@@ -51,10 +51,13 @@ def lora_state_dict(sampler, adapter_name: str = "default") -> dict[str, torch.T
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(sampler.denoiser, adapter_name=adapter_name).items()}
 
 
-def save_lora(sampler, out_dir: str | Path, adapter_name: str = "default") -> Path:
+def save_lora(sampler, out_dir: str | Path, adapter_name: str = "default",
+              state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapters with diffusers' own LoRA writer (``pytorch_lora_weights.safetensors`` with
     the adapter config as metadata), so ``pipe.load_lora_weights(out_dir)`` restores rank and alpha.
-    The folder is written beside ``out_dir`` and renamed into place."""
+    The folder is written beside ``out_dir`` and renamed into place.  ``state_dict`` is the denoiser's
+    full state dict to take the adapters from (gathered from a sharded run) instead of the denoiser's
+    own."""
     import shutil
     import tempfile
 
@@ -65,7 +68,8 @@ def save_lora(sampler, out_dir: str | Path, adapter_name: str = "default") -> Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = getattr(diffusers, sampler.lora_writer)
     prefix = sampler.lora_prefix
-    layers = get_peft_model_state_dict(sampler.denoiser, adapter_name=adapter_name)
+    layers = get_peft_model_state_dict(sampler.denoiser, state_dict=state_dict, adapter_name=adapter_name)
+    layers = {k: v.contiguous().cpu() for k, v in layers.items()}
     metadata = sampler.denoiser.peft_config[adapter_name].to_dict()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
