@@ -621,14 +621,24 @@ def measure_activations(denoiser: torch.nn.Module, inputs: Mapping[str, Any], *,
     return ActivationMeasure(saved, peak["bytes"], peak["blocks"])
 
 
-def largest_block(denoiser: torch.nn.Module) -> torch.nn.Module:
-    """The largest module that FSDP / ZeRO-3 gathers at once: the biggest instance of the classes the
-    model never splits across devices (``_no_split_modules``), else the whole model."""
+def largest_block(denoiser: torch.nn.Module) -> tuple[int, int]:
+    """``(bytes, trained bytes)`` of the largest unit FSDP / ZeRO-3 gathers at once, wrapping each
+    instance of the classes the model never splits (``_no_split_modules``) as its own unit: a unit
+    holds its parameters but those of the units nested in it (a UNet's up block without its
+    transformer and ResNet blocks); the rest of the model is the root unit."""
     names = set(getattr(denoiser, "_no_split_modules", None) or ())
-    blocks = [m for m in denoiser.modules() if type(m).__name__ in names]
-    if not blocks:
-        return denoiser
-    return max(blocks, key=lambda m: sum(p.numel() * p.element_size() for p in m.parameters()))
+    units = [denoiser] + [m for m in denoiser.modules() if m is not denoiser and type(m).__name__ in names]
+    owner: dict[int, int] = {}
+    for index, unit in enumerate(units):  # later (deeper or sibling) units take their parameters
+        for p in unit.parameters():
+            owner[id(p)] = index
+    sizes = [[0, 0] for _ in units]
+    for p in _unique(denoiser.parameters()):
+        size = sizes[owner[id(p)]]
+        size[0] += p.numel() * p.element_size()
+        size[1] += p.numel() * p.element_size() if p.requires_grad else 0
+    total, trained = max(sizes)
+    return total, trained
 
 
 # --------------------------------------------------------------------------------------------
@@ -787,9 +797,7 @@ def plan_recipe(recipe, *, gpus: int = 1, gpu_mem_gib: float = 80.0, margin: flo
     frozen_params = den_params - t_bytes
     other_bytes = sum(c.bytes for c in source.others)
     copies = _copies(recipe, lora)
-    block = largest_block(den)
-    block_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
-    block_trainable = sum(p.numel() * p.element_size() for p in block.parameters() if p.requires_grad)
+    block_bytes, block_trainable = largest_block(den)
 
     # ---- activations ------------------------------------------------------------------------------
     dh, dw = default_size(source)
