@@ -25,7 +25,7 @@ def _recipe(tmp_path, name, algorithm, section, *, lora=True, dtype="float32", r
         "lora": {"rank": 4, "alpha": 4} if lora else None,
         algorithm: section,
         "run": {"run_dir": str(tmp_path / "run"), "iterations": 1, "progress": False, "save_sample_grid": False,
-                "eval_every": 0, "threads": 1},
+                "eval_every": 0, "threads": 1, **extra.pop("run", {})},
         **extra,
     }
     path = tmp_path / "recipe.yaml"
@@ -288,3 +288,26 @@ def test_cli_prints_a_table_and_json(tiny_model_dir, tmp_path, capsys):
     assert main(["plan", str(recipe), "--gpu-mem", "0.000001"]) == 0
     assert "does not fit" in capsys.readouterr().out
     assert main(["plan", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3", "wan"])
+def test_autocast_activations_equal_a_real_autocast_forward(family, tiny_model_dir, tmp_path):
+    """float32 weights under bf16 autocast: the planner's explicit casts on meta keep what
+    torch.autocast keeps on the CPU (the weights' bf16 copies included)."""
+    import visalign.samplers as vs
+
+    options = {"num_frames": 5, **_options(family)} if family == "wan" else _options(family)
+    section = {**GROUP, "guidance_scale": 1.0, **({"kernel": "ddim"} if family == "sd" else {})}
+    recipe = _recipe(tmp_path, _model(tiny_model_dir, family), "grpo", section, lora=False,
+                     model={"options": options}, run={"mixed_precision": "bf16"})
+    plan = P.plan_recipe(recipe, strategies=["ddp"])
+    sampler = vs.load(recipe.model.name, dtype="float32", **options)
+    sampler.denoiser.requires_grad_(True)
+    src = P.resolve_model(recipe.model.name)
+    inputs = P.denoiser_inputs(src, plan.forward_batch, plan.height, plan.width, frames=5, tokens=plan.text_tokens,
+                               device="cpu", generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        real = P.measure_activations(sampler.denoiser, inputs, flash=False)
+    plain = P.measure_activations(sampler.denoiser, inputs, flash=False)
+    assert plan.row("ddp").activations == pytest.approx(real.saved, rel=0.02)
+    assert real.saved != plain.saved  # autocast changes what is kept

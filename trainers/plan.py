@@ -50,7 +50,7 @@ import torch
 
 __all__ = ["PUBLISHED", "PublishedModel", "ModelSource", "Component", "MemoryPlan", "StrategyRow", "STRATEGIES",
            "resolve_model", "build_meta_module", "denoiser_inputs", "SavedTensorMeter", "measure_activations",
-           "flash_attention_accounting", "plan_recipe", "format_plan"]
+           "flash_attention_accounting", "AutocastAccounting", "plan_recipe", "format_plan"]
 
 GIB = 1024**3
 #: the ways of spreading a job over GPUs, in table order
@@ -564,6 +564,54 @@ def _tensors(obj) -> Iterator[torch.Tensor]:
             yield from _tensors(o)
 
 
+#: ops autocast runs in the lower precision (PyTorch's CUDA and CPU lists, the ones diffusion models call)
+AUTOCAST_LOWER = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                            "conv_transpose3d", "matmul", "__matmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm"})
+#: ops CUDA's autocast runs in float32 (PyTorch's list, the ones diffusion models call); the CPU's
+#: autocast keeps them in the lower precision
+AUTOCAST_CUDA_FLOAT32 = frozenset({"layer_norm", "group_norm", "softmax", "log_softmax", "pow", "__pow__", "exp",
+                                   "rsqrt", "sum", "norm", "cumsum", "log", "softplus", "mse_loss"})
+
+
+class AutocastAccounting(torch.overrides.TorchFunctionMode):
+    """``torch.autocast(device_type, dtype)``'s casts, done explicitly so that they happen on any
+    device (``meta`` included): floating inputs of :data:`AUTOCAST_LOWER` ops are cast to ``dtype``
+    (the casts of trainable leaf weights made once and reused, as autocast caches them), and on
+    ``"cuda"`` half-precision inputs of :data:`AUTOCAST_CUDA_FLOAT32` ops to float32.  The copies
+    are new tensors, so what backward keeps of them is counted."""
+
+    def __init__(self, dtype: torch.dtype, device_type: str = "cuda") -> None:
+        super().__init__()
+        self.dtype, self.device_type = dtype, device_type
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def _cast(self, obj, dtype: torch.dtype, only_half: bool):
+        if isinstance(obj, torch.Tensor):
+            if (not obj.is_floating_point() or obj.dtype == dtype or obj.dtype == torch.float64
+                    or (only_half and obj.element_size() != 2)):
+                return obj
+            if obj.is_leaf and obj.requires_grad:
+                key = id(obj)
+                if key not in self.cache:
+                    self.cache[key] = (obj, obj.to(dtype))
+                return self.cache[key][1]
+            return obj.to(dtype)
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._cast(o, dtype, only_half) for o in obj)
+        return obj
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in AUTOCAST_LOWER:
+            args = self._cast(args, self.dtype, False)
+            kwargs = {k: self._cast(v, self.dtype, False) for k, v in kwargs.items()}
+        elif self.device_type == "cuda" and name in AUTOCAST_CUDA_FLOAT32:
+            args = self._cast(args, torch.float32, True)
+            kwargs = {k: self._cast(v, torch.float32, True) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
 @dataclass
 class ActivationMeasure:
     """Bytes kept for backward by one forward pass (``saved``) and, under gradient checkpointing,
@@ -576,7 +624,8 @@ class ActivationMeasure:
 
 
 def measure_activations(denoiser: torch.nn.Module, inputs: Mapping[str, Any], *, checkpointing: bool = False,
-                        flash: bool = True, checkpoint_function: Callable | None = None) -> ActivationMeasure:
+                        flash: bool = True, checkpoint_function: Callable | None = None,
+                        autocast: tuple[torch.dtype, str] | None = None) -> ActivationMeasure:
     """Run ``denoiser(**inputs)`` with gradients and count what autograd keeps for backward
     (:class:`SavedTensorMeter`, the denoiser's parameters and buffers excluded).
 
@@ -585,6 +634,8 @@ def measure_activations(denoiser: torch.nn.Module, inputs: Mapping[str, Any], *,
     call: each checkpointed block keeps its inputs (counted) and the bytes it saves when it runs are
     measured per block (``recompute``: the largest); ``checkpoint_function(block, *args)``, when
     given, runs each block instead (e.g. ``torch.utils.checkpoint`` on real tensors).
+    ``autocast=(dtype, device_type)`` runs the forward as ``torch.autocast(device_type, dtype)``
+    would (:class:`AutocastAccounting`; real autocast does not act on ``meta`` tensors).
     """
     exclude = list(denoiser.parameters()) + list(denoiser.buffers())
     meter = SavedTensorMeter(exclude)
@@ -611,6 +662,8 @@ def measure_activations(denoiser: torch.nn.Module, inputs: Mapping[str, Any], *,
             stack.enter_context(torch.enable_grad())
             if flash:
                 stack.enter_context(flash_attention_accounting())
+            if autocast is not None:
+                stack.enter_context(AutocastAccounting(*autocast))
             stack.enter_context(meter.hooks())
             out = denoiser(**inputs)
         saved = meter.bytes
@@ -807,18 +860,13 @@ def plan_recipe(recipe, *, gpus: int = 1, gpu_mem_gib: float = 80.0, margin: flo
     micro, fwd, graphs, whole_call, more = _forward_geometry(recipe, family)
     notes += more
     mp = recipe.run.mixed_precision
-    act_dtype = dtype
-    if mp in ("bf16", "fp16") and dtype == torch.float32:
-        act_dtype = torch.bfloat16 if mp == "bf16" else torch.float16
-        notes.append(f"float32 weights under {mp} autocast: activations measured in {mp}, plus a {mp} copy of "
-                     "each Linear / Conv weight that autocast makes and backward keeps")
-    act_den = den if act_dtype == dtype else _as_dtype_copy(den, act_dtype)
-    inputs = denoiser_inputs(source, fwd, height, width, frames=frames or 81, tokens=tokens, dtype=act_dtype)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+    inputs = denoiser_inputs(source, fwd, height, width, frames=frames or 81, tokens=tokens, dtype=dtype)
     blocks_ckpt = bool(getattr(m, "gradient_checkpointing", False))
-    measure = measure_activations(act_den, inputs, checkpointing=blocks_ckpt)
+    device_type = "cpu" if str(m.device).startswith("cpu") else "cuda"  # autocast's op lists differ by device
+    measure = measure_activations(den, inputs, checkpointing=blocks_ckpt,
+                                  autocast=(autocast, device_type) if autocast is not None else None)
     saved, recompute = measure.saved, measure.recompute
-    if act_den is not den:
-        saved += _autocast_weight_copies(den, act_dtype)
     checkpointing = "blocks" if blocks_ckpt else "off"
     if whole_call:  # backprop: each denoiser call with gradient is checkpointed whole, keeping its input
         latent = next(iter(_tensors(inputs)))
@@ -879,24 +927,6 @@ def plan_recipe(recipe, *, gpus: int = 1, gpu_mem_gib: float = 80.0, margin: flo
         denoiser_parameters=state_numel(den) - (n_trainable if lora else 0), trainable_parameters=n_trainable,
         components=list(source.others), copies=copies, activations_per_sample=per_sample, gpus=gpus,
         gpu_mem_gib=float(gpu_mem_gib), margin=float(margin), rows=rows, notes=notes)
-
-
-def _as_dtype_copy(den: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A meta copy of ``den`` in ``dtype`` (free: meta tensors hold no memory)."""
-    import copy
-
-    twin = copy.deepcopy(den)
-    for p in twin.parameters():
-        if p.is_floating_point():
-            p.data = p.data.to(dtype)
-    return twin
-
-
-def _autocast_weight_copies(den: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Bytes of the ``dtype`` copies autocast makes of the Linear and Conv weights (kept for backward)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-    return sum(mod.weight.numel() * size for mod in den.modules() if isinstance(mod, kinds))
 
 
 # --------------------------------------------------------------------------------------------
