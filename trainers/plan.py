@@ -15,7 +15,8 @@ GPU holds at the peak of a training step:
   measured by running the denoiser on the ``meta`` device (no memory, no weights) at the recipe's
   batch, resolution and text length: each distinct tensor storage saved for backward counted once,
   parameters and buffers not counted, attention as a flash / memory-efficient kernel keeps it
-  (query, key, value, output and a float32 log-sum-exp, never the ``L x L`` matrix).  With gradient
+  (query, key, value, output and a float32 log-sum-exp, never the ``L x L`` matrix), with the
+  casts ``torch.autocast`` makes under ``run.mixed_precision`` done explicitly.  With gradient
   checkpointing (``model.gradient_checkpointing: true``) only the blocks' inputs stay and one block
   is recomputed at a time in backward: its activations are the **recompute** term;
 - **gathered** (FSDP / ZeRO-3): the full weights of the largest wrapped block, twice (the block
@@ -997,7 +998,7 @@ def _advice(plan: MemoryPlan, row: StrategyRow) -> str:
     if plan.micro_batch > 1 and row.activations > row.budget / 4:
         tips.append("lower the micro-batch (train_batch_size / batch_size) and raise gradient_accumulation")
     if plan.mode == "full":
-        tips.append("train a LoRA instead (lora.rank)")
+        tips.append("train a LoRA instead (lora={rank: 32, alpha: 64})")
     if row.strategy != "fsdp":
         tips.append("shard with FSDP")
     tips.append("add GPUs or use GPUs with more memory")
