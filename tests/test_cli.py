@@ -15,7 +15,7 @@ from visalign.cli import main
 def test_help_lists_the_jobs():
     out = subprocess.run([sys.executable, "-m", "visalign", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for cmd in ("sample", "score", "train", "steer", "rewards"):
+    for cmd in ("sample", "score", "train", "plan", "steer", "rewards"):
         assert cmd in out.stdout
 
 

@@ -78,3 +78,39 @@ def run(args) -> int:
                 after = summary["final"][key]
                 print(f"  {key}: {before if before is None else round(before, 4)} -> {round(after, 4)}")
     return 0
+
+
+# ---- visalign plan ------------------------------------------------------------------------------
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """``visalign plan CONFIG [key=value ...] --gpus N --gpu-mem GIB [--json]``."""
+    p.add_argument("config", help="YAML training recipe (see configs/), as for `visalign train`")
+    p.add_argument("overrides", nargs="*",
+                   help="key=value overrides, e.g. lora=null model.gradient_checkpointing=true grpo.train_batch_size=2")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (processes) the job runs on (default 1)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--margin", type=float, default=0.10,
+                   help="share of each GPU kept free for the CUDA context and fragmentation (default 0.10)")
+    p.add_argument("--strategy", action="append", choices=["ddp", "zero2", "fsdp", "zero3"], default=None,
+                   help="only these strategies (repeatable; default: all four)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run_plan(args) -> int:
+    import json
+
+    from visalign.config import ConfigError
+
+    from .plan import STRATEGIES, format_plan, plan_recipe
+    from .recipe import load_recipe
+
+    try:
+        recipe = load_recipe(args.config, list(args.overrides))
+        plan = plan_recipe(recipe, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, margin=args.margin,
+                           strategies=args.strategy or STRATEGIES)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"visalign plan: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    return 0

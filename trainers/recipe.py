@@ -41,6 +41,10 @@ class ModelSection:
     #: generation size in pixels (None = the model's default)
     height: int | None = None
     width: int | None = None
+    #: recompute each block of the denoiser in backward instead of keeping its activations
+    #: (diffusers' ``enable_gradient_checkpointing``): activation memory down to the blocks' inputs
+    #: for about one more forward pass of compute; `visalign plan` shows both
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -125,6 +129,11 @@ def build_trainer(recipe: TrainRecipe, accelerator=None):
         raise ValueError(f"rewards: algorithm {recipe.algorithm!r} trains on rewards; give at least one, e.g. {{shapes: 1.0}}")
     m = recipe.model
     sampler = vs.load(m.name, dtype=m.dtype, device=m.device, **m.options)
+    if m.gradient_checkpointing:
+        if not getattr(sampler.denoiser, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"model.gradient_checkpointing: the {sampler.family} denoiser "
+                             f"({type(sampler.denoiser).__name__}) does not support gradient checkpointing")
+        sampler.denoiser.enable_gradient_checkpointing()
     torch.manual_seed(recipe.run.seed)  # LoRA's A matrices: the same on every process
     trainable = add_lora(sampler, recipe.lora) if recipe.lora is not None else None
     rewards = {spec: (vr.load(spec, shared=recipe.reward_options), w) for spec, w in recipe.rewards.items()}

@@ -1,4 +1,4 @@
-"""The ``visalign`` command line: ``sample | score | train | steer | rewards | toy``.
+"""The ``visalign`` command line: ``sample | score | train | plan | steer | rewards | recipes | toy``.
 
 Each subcommand's arguments and body live in a small function here or in the module that does
 the work; heavy imports happen only when a subcommand runs.  Exit codes: 0 success, 1 the job
@@ -181,18 +181,19 @@ def _run_recipes(args) -> int:
 # ---- commands implemented in their own modules ------------------------------------------------
 
 
-def _delegate(module: str) -> tuple[Callable, Callable]:
-    """(add_arguments, run) of a module that implements a subcommand."""
+def _delegate(module: str, add_name: str = "add_arguments", run_name: str = "run") -> tuple[Callable, Callable]:
+    """(add_arguments, run) of a module that implements a subcommand (its functions ``add_name``
+    and ``run_name``)."""
 
     def add(p: argparse.ArgumentParser) -> None:
         import importlib
 
-        importlib.import_module(module).add_arguments(p)
+        getattr(importlib.import_module(module), add_name)(p)
 
     def run(args) -> int:
         import importlib
 
-        return importlib.import_module(module).run(args)
+        return getattr(importlib.import_module(module), run_name)(args)
 
     return add, run
 
@@ -201,6 +202,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "sample": ("generate images or videos with any model", _add_sample, _run_sample),
     "score": ("score a gallery of images or videos with rewards", *_delegate("visalign.gallery.cli")),
     "train": ("fine-tune a model against rewards (GRPO / DPO / reward backprop)", *_delegate("visalign.trainers.cli")),
+    "plan": ("memory per GPU of a training recipe (weights, gradients, optimizer, activations) and whether it fits",
+             *_delegate("visalign.trainers.cli", "add_plan_arguments", "run_plan")),
     "steer": ("inference-time steering: best-of-N, FK particles, reward guidance, noise search",
               *_delegate("visalign.steering.cli")),
     "rewards": ("list the reward models with inputs, range, gradient and licence", _add_rewards, _run_rewards),
