@@ -168,7 +168,7 @@ class Component:
 @dataclass
 class ModelSource:
     """What the planner knows of a model: family, the denoiser's class and config, the other
-    components, and the values of ``model_index.json`` that shape the inputs (the toy model's
+    components, and the values of ``model_index.json`` that shape the inputs (a pixel-space model's
     ``max_length``)."""
 
     name: str
@@ -359,8 +359,12 @@ VAE_SCALE = 8
 WAN_TEMPORAL = 4
 
 
-def _toy_patch(config: Mapping) -> int:
-    return int(round((config["in_channels"] / 3) ** 0.5))
+def _pixel_patch(source: "ModelSource") -> int | None:
+    """A model without a VAE denoises pixels folded into channels (``pixel_unshuffle``): its fold
+    factor; ``None`` for latent models."""
+    if any(o.name == "vae" for o in source.others) or source.denoiser_config.get("in_channels", 0) % 3:
+        return None
+    return int(round((source.denoiser_config["in_channels"] / 3) ** 0.5))
 
 
 def default_size(source: ModelSource) -> tuple[int, int]:
@@ -370,8 +374,9 @@ def default_size(source: ModelSource) -> tuple[int, int]:
         return 480, 832
     if f == "flux":
         return 128 * VAE_SCALE, 128 * VAE_SCALE
-    if f == "toy":
-        side = int(c["sample_size"]) * _toy_patch(c)
+    patch = _pixel_patch(source)
+    if patch is not None:
+        side = int(c["sample_size"]) * patch
         return side, side
     sample = c.get("sample_size", 64)
     side = int(sample if isinstance(sample, int) else sample[0]) * VAE_SCALE
@@ -383,8 +388,8 @@ def text_tokens(source: ModelSource, options: Mapping) -> int:
     f = source.family
     if f in ("sd", "sdxl"):
         return 77
-    if f == "toy":
-        return int(source.index.get("max_length", 16))
+    if "max_length" in source.index:  # a model that records its prompt length (the pixel-space models)
+        return int(source.index["max_length"])
     if f == "sd3":  # CLIP's 77 tokens, then T5's (zeros when the checkpoint has no T5)
         return 77 + int(options.get("max_sequence_length", 256))
     return int(options.get("max_sequence_length", 512))  # flux, wan
@@ -395,8 +400,8 @@ def latent_tokens(source: ModelSource, height: int, width: int, frames: int = 1)
     c, f = source.denoiser_config, source.family
     if f == "flux":
         return (height // (VAE_SCALE * 2)) * (width // (VAE_SCALE * 2))
-    if f == "toy":
-        p = _toy_patch(c)
+    p = _pixel_patch(source)
+    if p is not None:
         return (height // p) * (width // p)
     h, w = height // VAE_SCALE, width // VAE_SCALE
     if f == "sd3":
@@ -427,10 +432,11 @@ def denoiser_inputs(source: ModelSource, batch: int, height: int, width: int, *,
     def full(value, dtype=torch.float32):
         return torch.full((batch,), value, device=dev, dtype=dtype)
 
-    if f in ("sd", "sdxl", "toy"):
-        scale = _toy_patch(c) if f == "toy" else VAE_SCALE
+    patch = _pixel_patch(source)
+    if f in ("sd", "sdxl") or patch is not None:
+        scale = patch or VAE_SCALE
         out = {"sample": rand(batch, c["in_channels"], height // scale, width // scale),
-               "timestep": full(500, torch.long) if f != "toy" else full(500.0),
+               "timestep": full(500, torch.long) if patch is None else full(500.0),
                "encoder_hidden_states": rand(batch, tokens, c["cross_attention_dim"]), "return_dict": False}
         if c.get("addition_embed_type") == "text_time":
             pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
