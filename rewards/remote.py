@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from .base import Reward, RewardInfo, RewardOutput
+from .http_client import KeptAliveHTTP
 from .wire import ENCODINGS, PROTOCOL, encode_batch
 
 __all__ = ["RemoteReward", "RemoteRewardError", "remote", "TOKEN_ENV"]
@@ -37,7 +38,7 @@ class RemoteRewardError(ConnectionError):
     """The reward server is unreachable or refused a request; the message names the URL."""
 
 
-class RemoteReward(Reward):
+class RemoteReward(KeptAliveHTTP, Reward):
     """A reward scored by a reward server.
 
     Args:
@@ -103,47 +104,11 @@ class RemoteReward(Reward):
 
     # ---- HTTP -------------------------------------------------------------------------------
 
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn, True
-        cls = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
-        conn = cls(self._parts.hostname, self._parts.port, timeout=self.timeout)
-        self._local.conn = conn
-        return conn, False
-
-    def _drop_connection(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-        self._local.conn = None
-
     def _once(self, method: str, path: str, body: bytes | None) -> tuple[int, dict]:
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        for fresh_try in (False, True):
-            conn, reused = self._connection()
-            try:
-                conn.request(method, self._parts.path.rstrip("/") + path, body=body, headers=headers)
-                resp = conn.getresponse()
-                raw = resp.read()
-            except (OSError, http.client.HTTPException) as err:
-                self._drop_connection()
-                # a kept-alive connection the server has since closed: one fresh try, not a retry
-                if reused and not fresh_try and not isinstance(err, TimeoutError):
-                    continue
-                raise
-            if resp.will_close:
-                self._drop_connection()
-            try:
-                data = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                data = {"error": raw[:300].decode("utf-8", "replace")}
-            return resp.status, data if isinstance(data, dict) else {"error": str(data)[:300]}
-        raise AssertionError("unreachable")
+        resp, data = self._exchange(method, path, body, self.token)
+        if isinstance(data, bytes):
+            data = {"error": data[:300].decode("utf-8", "replace")}
+        return resp.status, data if isinstance(data, dict) else {"error": str(data)[:300]}
 
     def _send(self, method: str, path: str, body: bytes | None = None) -> dict:
         last = ""

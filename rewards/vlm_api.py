@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .base import Reward, RewardInfo, RewardOutput
+from .http_client import KeptAliveHTTP
 from .unifiedreward import POINT_PROMPT, parse_unifiedreward_point, point_from_openai_logprobs
 from .vlm import RUBRIC, VQA_QUESTION, parse_rating
 from .wire import encode_png, to_uint8
@@ -156,7 +157,7 @@ def _server_message(data: Any) -> str:
     return str(data)[:500]
 
 
-class VLMAPIReward(Reward):
+class VLMAPIReward(KeptAliveHTTP, Reward):
     """A VLM judge on an OpenAI-compatible chat-completions server (vLLM, SGLang, ``transformers serve``).
 
     Args:
@@ -242,52 +243,16 @@ class VLMAPIReward(Reward):
 
     # ---- HTTP -------------------------------------------------------------------------------
 
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn, True
-        cls = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
-        conn = cls(self._parts.hostname, self._parts.port, timeout=self.timeout)
-        self._local.conn = conn
-        return conn, False
-
-    def _drop_connection(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-        self._local.conn = None
-
     def _once(self, method: str, path: str, body: bytes | None) -> tuple[int, Any, float | None]:
         """One request: ``(status, JSON body or text, Retry-After seconds or None)``."""
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        for fresh_try in (False, True):
-            conn, reused = self._connection()
-            try:
-                conn.request(method, self._parts.path.rstrip("/") + path, body=body, headers=headers)
-                resp = conn.getresponse()
-                raw = resp.read()
-            except (OSError, http.client.HTTPException) as err:
-                self._drop_connection()
-                # a kept-alive connection the server has since closed: one fresh try, not a retry
-                if reused and not fresh_try and not isinstance(err, TimeoutError):
-                    continue
-                raise
-            if resp.will_close:
-                self._drop_connection()
-            try:
-                data = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                data = raw[:500].decode("utf-8", "replace")
-            try:
-                wait = float(resp.getheader("Retry-After") or "nan")
-            except ValueError:
-                wait = math.nan
-            return resp.status, data, wait if math.isfinite(wait) and wait >= 0 else None
-        raise AssertionError("unreachable")
+        resp, data = self._exchange(method, path, body, self._key)
+        if isinstance(data, bytes):
+            data = data[:500].decode("utf-8", "replace")
+        try:
+            wait = float(resp.getheader("Retry-After") or "nan")
+        except ValueError:
+            wait = math.nan
+        return resp.status, data, wait if math.isfinite(wait) and wait >= 0 else None
 
     def _send(self, method: str, path: str, body: bytes | None = None, *, retry_status: bool = True) -> tuple[int, Any]:
         """``(status, data)`` of the first answer that is not retried; raises when the server stays away."""
