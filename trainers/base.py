@@ -249,7 +249,10 @@ class Trainer(abc.ABC):
     def resync_weights(self) -> None:
         """Drop the gathered (unsharded) copies a sharded denoiser keeps between forward passes, so the
         next forward gathers the weights as they are now; call it after writing the weights outside the
-        optimizer (EMA swaps, loading).  Nothing to do unless the run is sharded with FSDP2."""
+        optimizer (EMA swaps, loading).  Nothing to do unless the run is sharded with FSDP2 or ZeRO-3."""
+        if self._zero3:
+            sharding.release_zero3_gathered(self.params)
+            return
         if self.sharding != "fsdp":
             return
         from torch.distributed.fsdp import FSDPModule

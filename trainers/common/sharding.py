@@ -25,7 +25,7 @@ import os
 
 import torch
 
-__all__ = ["launch_kind", "make_accelerator", "adopt_cpu_fsdp", "kind_of", "local", "prepare_deepspeed_config",
+__all__ = ["launch_kind", "make_accelerator", "adopt_cpu_fsdp", "kind_of", "local", "prepare_deepspeed_config", "release_zero3_gathered",
            "shard_like"]
 
 #: the kinds of sharded run: ``"fsdp"`` (FSDP2) or ``"deepspeed"`` (ZeRO)
@@ -105,6 +105,19 @@ def local(t: torch.Tensor) -> torch.Tensor:
         return t.ds_tensor
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
+
+
+def release_zero3_gathered(params) -> int:
+    """Free the gathered full copies that ZeRO-3 keeps of ``params`` (the small "persistent" weights
+    stay gathered between steps), so the next forward gathers them again from the partitions; call it
+    after writing the partitions (:func:`local`) outside the optimizer, or the forward keeps using the
+    stale full copies.  Returns how many were released."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    held = [p for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE]
+    if held:
+        held[0].partition(param_list=held, has_been_updated=False)
+    return len(held)
 
 
 def prepare_deepspeed_config(acc, *, max_grad_norm: float) -> None:
