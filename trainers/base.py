@@ -175,6 +175,12 @@ class Trainer(abc.ABC):
         #: the prepared denoiser (the denoiser itself under FSDP2, DeepSpeed's engine under ZeRO)
         self.model = sampler.denoiser
         if self.sharding is not None:
+            refresh = (guards.reference_refresh_every if guards is not None else 0) or \
+                getattr(config, "ref_refresh_every", 0)
+            if refresh and getattr(sampler.denoiser, "peft_config", None):
+                # the adaptive reference's frozen adapter exists before sharding, which covers it with the
+                # trained one (a copy of the initial adapter: the base while LoRA starts at zero)
+                sampler.refresh_reference()
             self._prepare_sharded()
         self.ema = EMA(self.params, c.ema_decay, resync=self.resync_weights) if c.ema_decay > 0 else None
         self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts or [])
@@ -384,6 +390,85 @@ class Trainer(abc.ABC):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             p.grad = self.acc.reduce(g, reduction="mean")
 
+    # ---- the adaptive reference -----------------------------------------------------------------
+    def refresh_reference(self) -> None:
+        """The reference becomes the current weights (``guards.reference_refresh_every``; GARDO, online
+        DPO's ``ref_refresh_every``): ``Sampler.refresh_reference``, or in a sharded run a copy of each
+        trained weight's part into the reference's (the frozen ``"reference"`` adapter, created before
+        sharding, or the reference copy of full fine-tuning)."""
+        if self.sharding is None:
+            self.sampler.refresh_reference()
+        else:
+            self._refresh_sharded_reference()
+        self.reference_refreshes += 1
+
+    def _reference_pairs(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        """``(trained weight, reference weight)`` pairs of a sharded run."""
+        den = self.sampler.denoiser
+        if getattr(den, "peft_config", None):
+            tag, ref_tag = ".default.", f".{self.sampler.REFERENCE_ADAPTER}."
+            named = dict(den.named_parameters())
+            return [(p, named[n.replace(tag, ref_tag)]) for n, p in named.items() if "lora_" in n and tag in n]
+        ref = self.sampler._reference_module
+        live, frozen = list(den.named_parameters()), list(ref.named_parameters())
+        if [n for n, _ in live] != [n for n, _ in frozen]:
+            raise RuntimeError("the reference copy does not mirror the trained denoiser")
+        return [(p, q) for (_, p), (_, q) in zip(live, frozen)]
+
+    def _reshard_reference(self) -> None:
+        """FSDP2 keeps the root module's weights gathered after a forward pass: put the reference copy
+        back in its shards (before its parts are written, and after, so it gathers them anew)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.sampler._reference_module.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    @torch.no_grad()
+    def _refresh_sharded_reference(self) -> None:
+        lora = bool(getattr(self.sampler.denoiser, "peft_config", None))
+        self.resync_weights()  # the trained weights in their shards / partitions
+        if self.sharding == "fsdp" and not lora:
+            self._reshard_reference()
+        pairs = self._reference_pairs()
+        for p, q in pairs:
+            if self._zero3 and not lora:  # the reference copy is whole on each process: gather the weight
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p]):
+                    q.copy_(p.data)
+            else:  # both sharded alike (FSDP2, a ZeRO-3 adapter) or both whole (ZeRO-2)
+                sharding.local(q).copy_(sharding.local(p))
+        if self._zero3 and lora:
+            sharding.release_zero3_gathered([q for _, q in pairs])
+
+    def _reference_state(self):
+        """The refreshed reference for checkpoints: a sharded run's adapter is in the model's state
+        (``accelerator.save_state``); its reference copy of full fine-tuning is saved per process."""
+        if not self.reference_refreshes:
+            return None
+        if self.sharding is None:
+            return self.sampler.reference_state()
+        if getattr(self.sampler.denoiser, "peft_config", None):
+            return None
+        self.resync_weights()
+        if self.sharding == "fsdp":
+            self._reshard_reference()
+        return {"local": [sharding.local(q).detach().clone() for _, q in self._reference_pairs()]}
+
+    @torch.no_grad()
+    def _load_reference_state(self, state) -> None:
+        if state is None:
+            return
+        if self.sharding is None:
+            self.sampler.load_reference_state(state)
+            return
+        self.resync_weights()
+        if self.sharding == "fsdp" and "local" in state:
+            self._reshard_reference()
+        for (_, q), v in zip(self._reference_pairs(), state["local"], strict=True):
+            sharding.local(q).copy_(v)
+
     # ---- one logged iteration ------------------------------------------------------------------
     def step(self) -> dict:
         """One iteration: the adaptive reference's refresh when due (``guards.reference_refresh_every``),
@@ -394,8 +479,7 @@ class Trainer(abc.ABC):
         t0 = time.perf_counter()
         every = self.guards.reference_refresh_every
         if every and it > 0 and it % every == 0:
-            self.sampler.refresh_reference()
-            self.reference_refreshes += 1
+            self.refresh_reference()
         rr = self.reward_refresh
         refreshed = rr.refresh(self, it) if rr is not None and rr.due(it) else {}
         row = {"iteration": it + 1, **self.train_step(it), **refreshed}
@@ -487,7 +571,7 @@ class Trainer(abc.ABC):
             "nan_steps": self.nan_steps,
             "torch_rng": torch.get_rng_state(),
             "reference_refreshes": self.reference_refreshes,
-            "reference": self.sampler.reference_state() if self.reference_refreshes else None,
+            "reference": self._reference_state(),
             "alarm": self.alarm.state_dict() if self.alarm is not None else None,
             "train_seconds": self.train_seconds,
             "reward_refresh": self.reward_refresh.state_dict() if self.reward_refresh is not None else None,
@@ -508,8 +592,7 @@ class Trainer(abc.ABC):
         torch.set_rng_state(state["torch_rng"])
         self.reference_refreshes = int(state.get("reference_refreshes", 0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        if state.get("reference") is not None:
-            self.sampler.load_reference_state(state["reference"])
+        self._load_reference_state(state.get("reference"))
         if state.get("alarm") is not None:
             self.alarm = HackingAlarm(self.trained_reward_names, self.guards.alarm_tolerance)
             self.alarm.load_state_dict(state["alarm"])
@@ -652,10 +735,6 @@ class Trainer(abc.ABC):
         from tqdm.auto import tqdm
 
         total = self.run.iterations if iterations is None else iterations
-        if self.sharding is not None and self.guards.reference_refresh_every:
-            raise ValueError("the adaptive reference (guards.reference_refresh_every / dpo.ref_refresh_every) is not "
-                             "available in sharded runs (FSDP2 / DeepSpeed) yet: set it to 0, or train without the "
-                             "sharded accelerate config")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.acc.is_main_process:
             atomic_write_json(self.run_dir / "config.json", {**self.log_config, "algorithm": self.algorithm,

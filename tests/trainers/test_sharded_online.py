@@ -8,8 +8,10 @@ engines sum the reduced gradients in another order) and the exported weights agr
 cases cover the paths the sharded engines meet: a frozen reference copy (GRPO and NFT full
 fine-tuning, with KL), NFT's old policy swapped in for rollouts and ``v_old`` (ZeRO-3 keeps small
 weights gathered between steps, so swapped weights must be re-gathered), an EMA swapped in for the
-export, reward gradients through the sampler (back-propagation), and online DPO's pairs.  Two
-iterations each: the second one samples with the weights the first one's step wrote.
+export, reward gradients through the sampler (back-propagation), online DPO's pairs, and the
+adaptive reference (a frozen adapter, or the reference copy, sharded like the trained weights or
+whole on each process) refreshed before the second iteration.  Two iterations each: the second one
+samples with the weights the first one's step wrote.
 """
 
 import os
@@ -23,24 +25,26 @@ pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
+#: the adaptive reference, refreshed before the second iteration
+REFRESH = "guards: {reference_refresh_every: 1}\n"
 HEAD = ("model: {name: toy-shapes-cn, dtype: float32, device: cpu}\n"
         "data: {train: 'toy:train', eval: null}\n")
 ALGORITHMS = {
     "grpo": "algorithm: grpo\nrewards: {shapes: 1.0}\nlora: null\n"
             "grpo: {group_size: 4, prompts_per_iteration: 2, num_steps: 4, guidance_scale: 3.0, kernel: flow_sde, "
             "noise_level: 0.7, sde_window_size: 2, kl_beta: 0.04, learning_rate: 1.0e-4, train_batch_size: 2, "
-            "gradient_accumulation: 2, max_grad_norm: 1.0, ema_decay: 0.9}\n",
+            "gradient_accumulation: 2, max_grad_norm: 1.0, ema_decay: 0.9}\n" + REFRESH,
     "nft": "algorithm: nft\nrewards: {shapes: 1.0}\nlora: null\n"
            "nft: {group_size: 4, prompts_per_iteration: 2, num_steps: 4, guidance_scale: 1.0, timesteps: 2, "
            "kl_beta: 0.1, learning_rate: 1.0e-4, train_batch_size: 2, gradient_accumulation: 1, max_grad_norm: 1.0, "
-           "ema_decay: 0.9}\n",
+           "ema_decay: 0.9}\n" + REFRESH,
     "backprop": "algorithm: backprop\nrewards: {shapes-proxy: 1.0}\nlora: {rank: 4, alpha: 8}\n"
                 "backprop: {method: draft, grad_steps: 1, num_steps: 4, guidance_scale: 3.0, batch_size: 2, "
-                "checkpoint: true, kl_beta: 0.1, learning_rate: 1.0e-3, max_grad_norm: 1.0, ema_decay: 0.9}\n",
+                "checkpoint: true, kl_beta: 0.1, learning_rate: 1.0e-3, max_grad_norm: 1.0, ema_decay: 0.9}\n" + REFRESH,
     "dpo_online": "algorithm: dpo\nrewards: {shapes: 1.0}\nlora: {rank: 4, alpha: 8}\n"
                   "dpo: {mode: online, group_size: 4, prompts_per_iteration: 2, num_steps: 4, guidance_scale: 3.0, "
                   "rollout_kernel: ode, pairing: best_worst, beta: 100, train_batch_size: 1, learning_rate: 1.0e-3, "
-                  "ema_decay: 0.9}\n",
+                  "ema_decay: 0.9, ref_refresh_every: 1}\n",
 }
 KEYS = ("loss", "grad_norm", "kl", "reward/mean", "optimizer_steps")
 
@@ -72,6 +76,7 @@ def test_sharded_online_training_equals_data_parallel(algorithm, engine, tmp_pat
     ref, rows = _rows(plain), _rows(sharded)
     assert [r["iteration"] for r in rows] == [r["iteration"] for r in ref] == [1, 2]
     assert all(r["optimizer_steps"] >= 1 for r in ref), ref  # both iterations trained: the test is not vacuous
+    assert [r["reference/refreshes"] for r in rows] == [r["reference/refreshes"] for r in ref] == [0, 1]
     for key in KEYS:
         a, b = [r.get(key) for r in ref], [r.get(key) for r in rows]
         if all(v is None for v in a):

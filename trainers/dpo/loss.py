@@ -124,12 +124,6 @@ class DPOPairLoss:
         (``Sampler.refresh_reference``: a frozen second adapter or module copy)."""
         return self.sampler.reference()
 
-    def refresh_reference(self) -> None:
-        """The reference becomes the current weights now (the floor does this every
-        ``ref_refresh_every`` iterations; checkpointed with the run)."""
-        self.sampler.refresh_reference()
-        self.reference_refreshes += 1
-
     def encode(self, prompts: list[str]):
         """Conditioning of ``prompts``, each encoded on its own (cached when
         ``run.cache_prompt_embeddings``): an embedding then does not depend on the batch it was first
