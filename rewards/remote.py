@@ -16,10 +16,8 @@ import http.client
 import json
 import math
 import os
-import threading
 import time
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import torch
@@ -58,6 +56,8 @@ class RemoteReward(KeptAliveHTTP, Reward):
             cheaper to encode and decode, 1.5-4x more bytes; for a fast network).
     """
 
+    thread_prefix = "visalign-remote"
+
     def __init__(self, url: str, name: str | None = None, token: str | None = None, timeout: float = 120.0,
                  retries: int = 5, batch: int = 32, concurrency: int = 1, backoff: float = 0.5,
                  encoding: str = "png") -> None:
@@ -76,8 +76,7 @@ class RemoteReward(KeptAliveHTTP, Reward):
         self.token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         self.timeout, self.retries, self.batch = float(timeout), int(retries), int(batch)
         self.concurrency, self.backoff = int(concurrency), float(backoff)
-        self._local = threading.local()
-        self._pool: ThreadPoolExecutor | None = None
+        self._init_http()
         health = self._get_health()
         served = health.get("rewards") or {}
         if name is None:
@@ -179,12 +178,7 @@ class RemoteReward(KeptAliveHTTP, Reward):
         b = images.shape[0]
         chunks = [(images[i:i + self.batch], prompts[i:i + self.batch] if prompts is not None else None,
                    metadata[i:i + self.batch] if metadata is not None else None, i) for i in range(0, b, self.batch)]
-        if self.concurrency > 1 and len(chunks) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="visalign-remote")
-            answers = [a for part in self._pool.map(lambda c: self._request(*c), chunks) for a in part]
-        else:
-            answers = [a for c in chunks for a in self._request(*c)]
+        answers = [a for part in self._fan_out(self._request, chunks) for a in part]
         scores = [s for a in answers for s in a["scores"]]
         errors = [e for a in answers for e in a.get("errors", [None] * len(a["scores"]))]
         keys = list(dict.fromkeys(k for a in answers for k in a.get("components", {})))
@@ -202,22 +196,6 @@ class RemoteReward(KeptAliveHTTP, Reward):
         return RewardOutput(scores=tensor(scores), components={k: tensor(v) for k, v in comps.items()}, valid=valid,
                             extras=extras)
 
-    def close(self) -> None:
-        """Close this thread's connection and the request threads."""
-        self._drop_connection()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
-
-    def __getstate__(self) -> dict:
-        # connections and request threads belong to one process: a copy opens its own
-        state = dict(self.__dict__)
-        state["_local"], state["_pool"] = None, None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
 
     def __repr__(self) -> str:
         return f"RemoteReward(url={self.url!r}, name={self.name!r})"

@@ -34,10 +34,8 @@ import json
 import math
 import os
 import re
-import threading
 import time
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
@@ -189,6 +187,8 @@ class VLMAPIReward(KeptAliveHTTP, Reward):
             server that is down, a wrong key or an unknown model fail at once.
     """
 
+    thread_prefix = "visalign-vlm-api"
+
     def __init__(self, url: str, model: str, *, mode: str = "vqa", variant: str | None = None,
                  question: str | None = None, api_key_env: str | None = None, timeout: float = 120.0,
                  retries: int = 3, backoff: float = 0.5, concurrency: int = 8, max_tokens: int | None = None,
@@ -228,8 +228,7 @@ class VLMAPIReward(KeptAliveHTTP, Reward):
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
         self.concurrency, self.max_tokens, self.top_logprobs = int(concurrency), int(max_tokens), int(top_logprobs)
         self.image_format, self.logprobs = image_format, bool(logprobs)
-        self._local = threading.local()
-        self._pool: ThreadPoolExecutor | None = None
+        self._init_http()
         low, high = ((1.0, 5.0) if mode != "vqa" else (-LOG_ODDS_CAP, LOG_ODDS_CAP) if variant == "log_odds"
                      else (0.0, 1.0))
         what = {"vqa": f"VQAScore {variant}", "rubric": "1-5 rubric rating",
@@ -370,12 +369,7 @@ class VLMAPIReward(KeptAliveHTTP, Reward):
                              "(video_frames:reward=vlm-api,url=...,model=...,frames=8)")
         arrays = to_uint8(images)
         jobs = list(zip(arrays, prompts))
-        if self.concurrency > 1 and len(jobs) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="visalign-vlm-api")
-            answers = list(self._pool.map(lambda job: self._ask(*job), jobs))  # map keeps the input order
-        else:
-            answers = [self._ask(*job) for job in jobs]
+        answers = self._fan_out(self._ask, jobs)
         judged = [self._judge(a) for a in answers]
         keys = ("p_yes", "p_no", "p_yes_norm", "log_odds") if self.mode == "vqa" else ("rating", "rating_mass")
         comps = {k: torch.tensor([math.nan if v is None else v[k] for v, _, _ in judged], dtype=torch.float32,
@@ -386,22 +380,6 @@ class VLMAPIReward(KeptAliveHTTP, Reward):
                   "reason": [r for _, _, r in judged]}
         return RewardOutput(scores=scores, components=comps, valid=valid, extras=extras)
 
-    def close(self) -> None:
-        """Close this thread's connection and the request threads."""
-        self._drop_connection()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
-
-    def __getstate__(self) -> dict:
-        # connections and request threads belong to one process: a copy opens its own
-        state = dict(self.__dict__)
-        state["_local"], state["_pool"] = None, None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
 
     def __repr__(self) -> str:
         return f"VLMAPIReward(url={self.url!r}, model={self.model!r}, mode={self.mode!r})"
