@@ -201,16 +201,20 @@ def _complete_checkpoints(run_dir: Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("iter_*") if p.is_dir())
 
 
-def test_fsdp2_lora_equals_one_process_and_resumes_exactly_after_kill_9(pairs, one_process, tmp_path):
-    """A LoRA run: one process is killed with SIGKILL after a checkpoint, while the run is past it;
-    ``--resume`` with two processes continues: the iterations the killed run had already logged past
-    its checkpoint come out bit for bit the same, and every loss equals the one-process run's."""
+@pytest.mark.parametrize("config", ["fsdp2.yaml", "zero3.yaml"])
+def test_lora_equals_one_process_and_resumes_exactly_after_kill_9(config, pairs, one_process, tmp_path):
+    """A LoRA run under FSDP2 and ZeRO-3: one process is killed with SIGKILL after a checkpoint, while
+    the run is past it; ``--resume`` with two processes continues: the iterations the killed run had
+    already logged past its checkpoint come out bit for bit the same, and every loss equals the
+    one-process run's."""
+    if config.startswith("zero"):
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install --no-build-isolation deepspeed)")
     one = one_process(True)
     iterations = 6
     run_dir = tmp_path / "run"
     recipe = _recipe(tmp_path / "recipe.yaml", pairs, run_dir, lora=True, batch=2, iterations=iterations)
     log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(_launch_cmd("fsdp2.yaml", recipe), stdout=log, stderr=subprocess.STDOUT, env=ENV,
+    proc = subprocess.Popen(_launch_cmd(config, recipe), stdout=log, stderr=subprocess.STDOUT, env=ENV,
                             start_new_session=True)
     killed_rows, ckpt = None, None
     try:
@@ -243,7 +247,7 @@ def test_fsdp2_lora_equals_one_process_and_resumes_exactly_after_kill_9(pairs, o
     assert killed_rows is not None, "the run ended before it could be killed past a checkpoint: " + \
         (tmp_path / "killed.log").read_text()[-3000:]
     assert proc.returncode != 0
-    out = _launch("fsdp2.yaml", recipe, "--resume", str(run_dir))
+    out = _launch(config, recipe, "--resume", str(run_dir))
     assert f"resumed {run_dir} at iteration {ckpt}" in out.stdout
     rows = _rows(run_dir)
     assert [r["iteration"] for r in rows] == list(range(1, iterations + 1))  # no duplicated history
