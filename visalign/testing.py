@@ -88,6 +88,7 @@ import torch
 
 __all__ = [
     "FAMILIES",
+    "accelerate_command",
     "bench_pipeline",
     "clip_tokenizer",
     "load_kwargs",
@@ -831,3 +832,13 @@ def bench_pipeline(family: str = "sd3", *, num_layers: int = 2, seed: int = 0):
     if num_layers < 1:
         raise ValueError(f"bench_pipeline: num_layers must be >= 1, got {num_layers}")
     return _sd3_pipeline("t5", seed, heads=24, head_dim=64, layers=num_layers, joint_dim=4096, pooled_each=1024)
+
+
+def accelerate_command() -> str | None:
+    """The ``accelerate`` command installed next to this Python (else the one on ``PATH``), for tests
+    that ``accelerate launch`` several processes; ``None`` when there is none."""
+    import shutil
+    import sys
+
+    exe = Path(sys.executable).with_name("accelerate")
+    return str(exe) if exe.exists() else shutil.which("accelerate")

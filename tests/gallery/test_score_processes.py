@@ -8,7 +8,6 @@ process with threads standing in for the processes."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from PIL import Image
 
 from visalign.gallery.writers import ResultsWriter, read_results
 from visalign.shards import Shard, part_files, part_path
+from visalign.testing import accelerate_command
 
 # The real CLI, with a test reward "slow" (jpeg_compressibility that sleeps per batch) so that a kill
 # lands part-way
@@ -47,13 +47,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUF
 
 
 def _accelerate() -> str:
-    exe = Path(sys.executable).with_name("accelerate")
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("accelerate")
-    if found is None:
-        pytest.skip("the accelerate command is not installed next to this Python")
-    return found
+    return accelerate_command() or pytest.skip("the accelerate command is not installed")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from PIL import Image
 from visalign.cli import main
 from visalign.io import read_jsonl
 from visalign.shards import part_files
+from visalign.testing import accelerate_command
 from visalign.toy.prompts import split
 
 PROMPTS = split("eval")[::30]  # 9 toy prompts with their task metadata (the proxy scores against it)
@@ -47,9 +47,7 @@ def one_process(prompts, tmp_path_factory) -> Path:
 
 
 def test_two_processes_steer_the_same_images_into_one_manifest(prompts, one_process, tmp_path):
-    accelerate = Path(sys.executable).with_name("accelerate")
-    if not accelerate.exists() and shutil.which("accelerate") is None:
-        pytest.skip("the accelerate command is not installed next to this Python")
+    accelerate = accelerate_command() or pytest.skip("the accelerate command is not installed")
     out = tmp_path / "two"
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "visalign", "steer", "--prompts", str(prompts),

@@ -8,18 +8,15 @@ test of the distributed path needs (docs/grpo.md, "Several processes")."""
 
 import json
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from visalign.testing import accelerate_command
+
 
 def test_two_process_cpu_training(tiny_model_dir, tmp_path):
-    accelerate = Path(sys.executable).with_name("accelerate")
-    if not accelerate.exists() and shutil.which("accelerate") is None:
-        pytest.skip("the accelerate command is not installed next to this Python")
+    accelerate = accelerate_command() or pytest.skip("the accelerate command is not installed")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na blue ball\na cat\na dog\n")
     cfg = tmp_path / "recipe.yaml"

@@ -18,15 +18,15 @@ without it.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from visalign.testing import accelerate_command
 
 pytestmark = pytest.mark.slow
 
@@ -37,13 +37,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _accelerate() -> str:
-    exe = Path(sys.executable).with_name("accelerate")
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("accelerate")
-    if found is None:
-        pytest.skip("the accelerate command is not installed next to this Python")
-    return found
+    return accelerate_command() or pytest.skip("the accelerate command is not installed")
 
 
 @pytest.fixture(scope="module")
