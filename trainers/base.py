@@ -403,13 +403,17 @@ class Trainer(abc.ABC):
         self.reference_refreshes += 1
 
     def _reference_pairs(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
-        """``(trained weight, reference weight)`` pairs of a sharded run."""
+        """``(trained weight, reference weight)`` pairs of a sharded run, each in its shards /
+        partitions (what :func:`~.common.sharding.local` reads and writes)."""
         den = self.sampler.denoiser
+        self.resync_weights()
         if getattr(den, "peft_config", None):
             tag, ref_tag = ".default.", f".{self.sampler.REFERENCE_ADAPTER}."
             named = dict(den.named_parameters())
             return [(p, named[n.replace(tag, ref_tag)]) for n, p in named.items() if "lora_" in n and tag in n]
         ref = self.sampler._reference_module
+        if self.sharding == "fsdp":
+            self._reshard_reference()
         live, frozen = list(den.named_parameters()), list(ref.named_parameters())
         if [n for n, _ in live] != [n for n, _ in frozen]:
             raise RuntimeError("the reference copy does not mirror the trained denoiser")
@@ -427,9 +431,6 @@ class Trainer(abc.ABC):
     @torch.no_grad()
     def _refresh_sharded_reference(self) -> None:
         lora = bool(getattr(self.sampler.denoiser, "peft_config", None))
-        self.resync_weights()  # the trained weights in their shards / partitions
-        if self.sharding == "fsdp" and not lora:
-            self._reshard_reference()
         pairs = self._reference_pairs()
         for p, q in pairs:
             if self._zero3 and not lora:  # the reference copy is whole on each process: gather the weight
@@ -451,9 +452,6 @@ class Trainer(abc.ABC):
             return self.sampler.reference_state()
         if getattr(self.sampler.denoiser, "peft_config", None):
             return None
-        self.resync_weights()
-        if self.sharding == "fsdp":
-            self._reshard_reference()
         return {"local": [sharding.local(q).detach().clone() for _, q in self._reference_pairs()]}
 
     @torch.no_grad()
@@ -463,9 +461,6 @@ class Trainer(abc.ABC):
         if self.sharding is None:
             self.sampler.load_reference_state(state)
             return
-        self.resync_weights()
-        if self.sharding == "fsdp" and "local" in state:
-            self._reshard_reference()
         for (_, q), v in zip(self._reference_pairs(), state["local"], strict=True):
             sharding.local(q).copy_(v)
 

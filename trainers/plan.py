@@ -296,7 +296,7 @@ def _local_folder(name: str) -> Path | None:
             from huggingface_hub import snapshot_download
 
             return Path(snapshot_download(name, allow_patterns=["*.json"], local_files_only=True))
-        except Exception:  # not in the cache: the caller says what to do
+        except (OSError, ValueError):  # not in the cache (or not a repository id): the caller says what to do
             return None
     return None
 

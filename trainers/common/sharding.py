@@ -25,8 +25,8 @@ import os
 
 import torch
 
-__all__ = ["launch_kind", "make_accelerator", "adopt_cpu_fsdp", "kind_of", "local", "prepare_deepspeed_config", "release_zero3_gathered",
-           "shard_like"]
+__all__ = ["launch_kind", "make_accelerator", "adopt_cpu_fsdp", "kind_of", "local", "prepare_deepspeed_config",
+           "release_zero3_gathered", "shard_like"]
 
 #: the kinds of sharded run: ``"fsdp"`` (FSDP2) or ``"deepspeed"`` (ZeRO)
 KINDS = ("fsdp", "deepspeed")
